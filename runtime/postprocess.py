@@ -1,0 +1,43 @@
+"""The one definition of postprocessing (numpy): DETR is NMS-free.
+
+softmax over K+1, drop the last ("no object") column, max -> (score, label),
+boxes cxcywh (relative to the unpadded image) -> xyxy in original-frame pixels, clipped
+to the frame; then a score threshold and/or top-k, highest score first.
+`train.detr.postprocess` is the torch twin, tested equal to this.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def cxcywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    cx, cy, w, h = np.moveaxis(boxes, -1, 0)
+    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+
+def postprocess(logits: np.ndarray, boxes: np.ndarray, sizes: np.ndarray,
+                conf: float = 0.0, topk: int | None = None) -> list[dict]:
+    """logits [B,N,K+1], boxes [B,N,4] cxcywh, sizes [B,2] (h, w) -> per image
+    {'scores' [n], 'labels' [n], 'boxes' [n,4] xyxy pixels}, sorted by score."""
+    probs = softmax(logits.astype(np.float32))[..., :-1]
+    scores = probs.max(axis=-1)
+    labels = probs.argmax(axis=-1)
+    xyxy = cxcywh_to_xyxy(boxes.astype(np.float32))
+    results = []
+    for b in range(logits.shape[0]):
+        height, width = (float(v) for v in sizes[b])
+        scale = np.array([width, height, width, height], np.float32)
+        pixel = np.clip(xyxy[b] * scale, 0.0, scale)
+        order = np.argsort(-scores[b], kind="stable")
+        order = order[scores[b][order] >= conf]
+        if topk is not None:
+            order = order[:topk]
+        results.append({"scores": scores[b][order], "labels": labels[b][order].astype(np.int64),
+                        "boxes": pixel[order]})
+    return results

@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+COCO_TINY = SHARED_DATA / "coco-tiny"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def coco_photos():
+    """Real COCO photos (../shared/data); skipped with a reason in a bare clone."""
+    photos = sorted((COCO_TINY / "val2017").glob("*.jpg"))
+    if not photos:
+        pytest.skip(f"real data not present at {COCO_TINY} (../shared/data is beside CI's clone only)")
+    return photos
+
+
+@pytest.fixture(scope="session")
+def photos_by_aspect(coco_photos):
+    """Real photos of clearly different aspect ratios: widest, tallest, squarest."""
+    import cv2
+    sized = [(p, cv2.imread(str(p)).shape[:2]) for p in coco_photos]
+    ratio = {p: w / h for p, (h, w) in sized}
+    ordered = sorted(ratio, key=ratio.get)
+    squarest = min(ratio, key=lambda p: abs(ratio[p] - 1))
+    return [ordered[-1], ordered[0], squarest]

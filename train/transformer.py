@@ -1,0 +1,139 @@
+"""The encoder-decoder transformer of DETR (post-norm by default, pre-norm optional).
+
+Position encodings are added to queries and keys, never values, at every attention
+layer; the decoder target starts at zero with the learned queries as `query_pos`; the
+decoder returns every layer's output through its final LayerNorm (for the aux losses).
+Sequences are (length, batch, dim) as in nn.MultiheadAttention's default layout, which
+keeps the official parameter names (`in_proj_weight`, `out_proj`).
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+def _with_pos(x: torch.Tensor, pos):
+    return x if pos is None else x + pos
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, pre_norm):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def _attend(self, x, pos, key_padding_mask):
+        q = k = _with_pos(x, pos)
+        return self.dropout1(self.self_attn(q, k, value=x, key_padding_mask=key_padding_mask)[0])
+
+    def _feed_forward(self, x):
+        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+
+    def forward(self, src, key_padding_mask, pos):
+        if self.pre_norm:
+            src = src + self._attend(self.norm1(src), pos, key_padding_mask)
+            return src + self._feed_forward(self.norm2(src))
+        src = self.norm1(src + self._attend(src, pos, key_padding_mask))
+        return self.norm2(src + self._feed_forward(src))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, pre_norm):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def _self_attend(self, tgt, query_pos):
+        q = k = _with_pos(tgt, query_pos)
+        return self.dropout1(self.self_attn(q, k, value=tgt)[0])
+
+    def _cross_attend(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
+        out = self.multihead_attn(query=_with_pos(tgt, query_pos), key=_with_pos(memory, pos),
+                                  value=memory, key_padding_mask=memory_key_padding_mask)[0]
+        return self.dropout2(out)
+
+    def _feed_forward(self, x):
+        return self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
+        if self.pre_norm:
+            tgt = tgt + self._self_attend(self.norm1(tgt), query_pos)
+            tgt = tgt + self._cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos)
+            return tgt + self._feed_forward(self.norm3(tgt))
+        tgt = self.norm1(tgt + self._self_attend(tgt, query_pos))
+        tgt = self.norm2(tgt + self._cross_attend(tgt, memory, memory_key_padding_mask, pos, query_pos))
+        return self.norm3(tgt + self._feed_forward(tgt))
+
+
+class Encoder(nn.Module):
+    def __init__(self, layer, num_layers, norm=None):
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+        self.norm = norm  # only with pre-norm, as the official code
+
+    def forward(self, src, key_padding_mask, pos):
+        for layer in self.layers:
+            src = layer(src, key_padding_mask, pos)
+        return src if self.norm is None else self.norm(src)
+
+
+class Decoder(nn.Module):
+    def __init__(self, layer, num_layers, norm):
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+        self.norm = norm
+
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
+        """-> [num_layers, num_queries, batch, d_model], every layer through the final norm."""
+        intermediate = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            intermediate.append(self.norm(tgt))
+        return torch.stack(intermediate)
+
+
+class Transformer(nn.Module):
+    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
+                 dim_feedforward=2048, dropout=0.1, pre_norm=False):
+        super().__init__()
+        args = (d_model, nhead, dim_feedforward, dropout, pre_norm)
+        self.encoder = Encoder(EncoderLayer(*args), num_encoder_layers, nn.LayerNorm(d_model) if pre_norm else None)
+        self.decoder = Decoder(DecoderLayer(*args), num_decoder_layers, nn.LayerNorm(d_model))
+        self.d_model = d_model
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, src, mask, query_embed, pos_embed):
+        """src/pos_embed [B,C,h,w], mask [B,h,w], query_embed [N,C] -> hs [L,B,N,C], memory [B,C,h,w]."""
+        bs, c, h, w = src.shape
+        src = src.flatten(2).permute(2, 0, 1)
+        pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
+        query_embed = query_embed.unsqueeze(1).repeat(1, bs, 1)
+        mask = mask.flatten(1)
+        memory = self.encoder(src, key_padding_mask=mask, pos=pos_embed)
+        tgt = torch.zeros_like(query_embed)
+        hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed)
+        return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(bs, c, h, w)
