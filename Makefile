@@ -8,7 +8,7 @@ DEMO   := demo-out
 # A real photo when ../shared/data is beside the clone, otherwise a generated scene.
 DEMO_IMAGE ?= $(firstword $(wildcard ../shared/data/coco-tiny/val2017/*.jpg))
 
-.PHONY: demo test test-gpu venv clean
+.PHONY: demo test venv clean
 
 venv: $(STAMP)
 
@@ -19,10 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu" tests
-
-test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu tests/gpu
+	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) -m export.demo --out $(DEMO) $(if $(DEMO_IMAGE),--image $(DEMO_IMAGE))

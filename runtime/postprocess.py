@@ -41,3 +41,10 @@ def postprocess(logits: np.ndarray, boxes: np.ndarray, sizes: np.ndarray,
         results.append({"scores": scores[b][order], "labels": labels[b][order].astype(np.int64),
                         "boxes": pixel[order]})
     return results
+
+
+def detections_to_json(detections: dict, classes: list[str]) -> list[dict]:
+    """Per-detection JSON records (label id, class name, score, xyxy box in pixels)."""
+    return [{"label": int(label), "name": classes[label] if 0 <= label < len(classes) else str(label),
+             "score": round(float(score), 6), "box": [round(float(v), 2) for v in box]}
+            for score, label, box in zip(detections["scores"], detections["labels"], detections["boxes"])]

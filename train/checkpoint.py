@@ -42,10 +42,11 @@ def _torch_load(path: Path):
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder without a Hugging Face config.json") from None
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        what = f"a disallowed object ({found.group(1)})" if found else "objects that are not plain weights"
-        raise UserError(f"{path}: refused to load: the file holds {what}; only weights are loaded "
-                        "(weights_only=True)") from None
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        if found:
+            raise UserError(f"{path}: refused to load: the file holds a disallowed object ({found.group(1)}); "
+                            "only weights are loaded (weights_only=True)") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (unrecognised content)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated? {reason})") from None

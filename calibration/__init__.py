@@ -1,0 +1,1 @@
+"""Calibration stage: calibration data, INT8 (Q/DQ) ONNX for TensorRT and for CPUs."""

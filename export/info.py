@@ -1,0 +1,70 @@
+"""`detr-edge info`: what a checkpoint or an ONNX file holds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from runtime.errors import UserError
+from runtime.metadata import METADATA_KEY, loads
+
+
+def checkpoint_info(path) -> dict:
+    from train.checkpoint import load_model
+    from train.config import PRESETS
+
+    model, config = load_model(path)  # loads the weights too: info also proves the file is usable
+    params = sum(p.numel() for p in model.parameters())
+    model_config = model.config
+    preset = next((name for name, (cfg, _) in PRESETS.items() if cfg == model_config), "custom")
+    return {"file": str(path), "kind": "checkpoint", "preset": preset, "parameters": params, **config}
+
+
+def onnx_info(path) -> dict:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises protobuf DecodeError and others
+        raise UserError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise UserError(f"{path}: ONNX file without detr-edge metadata (not exported by detr-edge)")
+
+    def shapes(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+    params = sum(int(_numel(t.dims)) for t in model.graph.initializer)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    return {"file": str(path), "kind": "onnx", "opset": opset, "parameters": params,
+            "inputs": shapes(model.graph.input), "outputs": shapes(model.graph.output),
+            **loads(props[METADATA_KEY], str(path))}
+
+
+def _numel(dims) -> int:
+    total = 1
+    for d in dims:
+        total *= d
+    return total
+
+
+def info(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    return onnx_info(path) if path.suffix == ".onnx" else checkpoint_info(path)
+
+
+def format_info(data: dict) -> str:
+    model = data["model"]
+    classes = data["classes"]
+    named = [c for c in classes if c != "N/A"]
+    lines = [f"{data['file']} ({data['kind']})",
+             f"  architecture: {model['backbone']}{' DC5' if model['dilation'] else ''}, d_model {model['hidden_dim']}, "
+             f"{model['nheads']} heads, {model['enc_layers']} encoder + {model['dec_layers']} decoder layers, "
+             f"ffn {model['dim_feedforward']}, {model['num_queries']} queries, "
+             f"{'pre' if model['pre_norm'] else 'post'}-norm" + (f" (preset {data['preset']})" if "preset" in data else ""),
+             f"  parameters: {data['parameters']:,}",
+             f"  classes: {model['num_classes']} slots, {len(named)} named: {', '.join(named[:8])}"
+             + (", ..." if len(named) > 8 else ""),
+             f"  input size: {data['preprocess']['imgsz'][0]} x {data['preprocess']['imgsz'][1]} (H x W, letterboxed)"]
+    if data["kind"] == "onnx":
+        lines.append(f"  opset {data['opset']}; inputs {data['inputs']}; outputs {data['outputs']}")
+    return "\n".join(lines)
