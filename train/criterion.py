@@ -1,0 +1,80 @@
+"""The set loss: cross-entropy over K+1 classes (the no-object class down-weighted by
+eos_coef), L1 and GIoU on matched pairs normalised by the number of target boxes
+(averaged over processes under DDP), for the last decoder layer and, as auxiliary
+losses with their own matching, every intermediate one."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from .matcher import HungarianMatcher
+
+
+class SetCriterion(nn.Module):
+    def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, eos_coef: float = 0.1,
+                 loss_ce: float = 1.0, loss_bbox: float = 5.0, loss_giou: float = 2.0, aux_loss: bool = True):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher or HungarianMatcher()
+        self.weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        self.aux_loss = aux_loss
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def _num_boxes(self, targets, device) -> float:
+        num = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(num)
+            num = num / dist.get_world_size()
+        return num.clamp(min=1).item()
+
+    def _layer_losses(self, logits, boxes, targets, indices, num_boxes) -> dict:
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        matched_labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[batch_idx, src_idx] = matched_labels
+        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        src_boxes = boxes[batch_idx, src_idx]
+        tgt_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)])
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        loss_giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
+                                             box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="sum") / num_boxes
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou,
+                "_matched_logits": logits[batch_idx, src_idx], "_matched_labels": matched_labels}
+
+    @torch.no_grad()
+    def _logged(self, logits, matched_logits, matched_labels, targets) -> dict:
+        """class_error (% of matched predictions with the wrong class) and cardinality_error
+        (|number of non-no-object predictions - number of targets|, mean over images)."""
+        if matched_labels.numel():
+            correct = (matched_logits.argmax(-1) == matched_labels).float().mean() * 100
+        else:
+            correct = torch.tensor(100.0, device=logits.device)
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        lengths = torch.tensor([float(len(t["labels"])) for t in targets], device=logits.device)
+        return {"class_error": 100 - correct, "cardinality_error": F.l1_loss(predicted, lengths)}
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict:
+        """-> {'loss': weighted total, 'loss_ce', 'loss_bbox', 'loss_giou', 'class_error',
+        'cardinality_error', and 'loss_ce_0', ... for each auxiliary layer}."""
+        layers = [outputs] + (outputs["aux_outputs"] if self.aux_loss else [])
+        logits = torch.stack([o["pred_logits"] for o in layers])
+        boxes = torch.stack([o["pred_boxes"] for o in layers])
+        indices = self.matcher(logits, boxes, targets)
+        num_boxes = self._num_boxes(targets, logits.device)
+        losses, total = {}, 0.0
+        for layer, (layer_logits, layer_boxes, layer_indices) in enumerate(zip(logits, boxes, indices)):
+            parts = self._layer_losses(layer_logits, layer_boxes, targets, layer_indices, num_boxes)
+            suffix = "" if layer == 0 else f"_{layer - 1}"  # aux layers numbered like the official code
+            if layer == 0:
+                losses.update(self._logged(layer_logits, parts["_matched_logits"], parts["_matched_labels"], targets))
+            for name, weight in self.weights.items():
+                losses[name + suffix] = parts[name]
+                total = total + weight * parts[name]
+        losses["loss"] = total
+        return losses
