@@ -26,6 +26,56 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.set_defaults(func=_predict)
 
+    p = sub.add_parser("train", help="(train) train DETR on a COCO-format dataset (also under torchrun)")
+    p.add_argument("--data", required=True, help="COCO layout: annotations/instances_{train,val}*.json + image folders")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--preset", default="detr_r50", help="architecture to train from scratch (default detr_r50)")
+    start.add_argument("--weights", help="start from these weights (official, HF or ours); other classes: "
+                                         "only the class head is re-initialised")
+    start.add_argument("--resume", help="continue a run from its last.pth exactly")
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--imgsz", help="training/deployment size H x W or S (default: the preset's)")
+    p.add_argument("--recipe", choices=["edge", "official"], default="edge",
+                   help="edge: letterbox at imgsz as deployed; official: the paper's multi-scale recipe")
+    for name, kind, help_text in [
+            ("epochs", int, "default 300"), ("batch-size", int, "per process, default 2"),
+            ("lr", float, "default 1e-4"), ("lr-backbone", float, "default 1e-5; 0 freezes the backbone"),
+            ("weight-decay", float, "default 1e-4"), ("clip-max-norm", float, "default 0.1"),
+            ("lr-drop", int, "epoch of the x0.1 drop, default 200"), ("warmup", int, "linear warm-up steps"),
+            ("eos-coef", float, "no-object class weight, default 0.1"),
+            ("eval-every", int, "epochs between COCO evaluations (0: only at the end), default 1"),
+            ("save-every", int, "steps between last.pth writes, default 200"),
+            ("time-limit", float, "minutes; stop, evaluate and save when reached"),
+            ("workers", int, "data loader processes, default 1"), ("seed", int, "default 42")]:
+        p.add_argument(f"--{name}", type=kind, help=help_text)
+    p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false", default=None)
+    p.add_argument("--contiguous-ids", dest="contiguous", action="store_true", default=None,
+                   help="remap category ids to 0..C-1 (custom datasets with sparse ids)")
+    p.add_argument("--device", help="cpu (default) or cuda[:N]")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA only)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="(train) COCO metrics (pycocotools) of a checkpoint on a dataset")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="COCO layout root, or an instances json beside its image folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--imgsz", help="input size (default: the checkpoint's)")
+    p.add_argument("--contiguous-ids", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.set_defaults(func=_eval)
+
+    data = sub.add_parser("data", help="(train) datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write the embedded shapes dataset (COCO format) and a video")
+    p.add_argument("out")
+    p.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--imgsz", default="192", help="image size H x W or S (default 192)")
+    p.add_argument("--video-frames", type=int, default=150)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+
 
 def _init(args) -> None:
     import torch
@@ -55,3 +105,48 @@ def _predict(args) -> None:
                  args.conf, args.max_det, args.device)
     total = sum(len(image["detections"]) for image in report["images"])
     log.info("%d images, %d detections at score >= %g -> %s/", len(report["images"]), total, args.conf, args.out)
+
+
+def _train(args) -> None:
+    from runtime.metadata import parse_imgsz
+
+    from .engine import TrainOptions, train
+
+    given = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__ and v is not None}
+    if "imgsz" in given:
+        given["imgsz"] = parse_imgsz(given["imgsz"])
+    metrics = train(TrainOptions(**given))
+    if metrics:
+        log.info("final: AP %.3f, AP50 %.3f; checkpoints in %s/", metrics["AP"], metrics["AP50"], args.out)
+
+
+def _eval(args) -> None:
+    from pathlib import Path
+
+    from runtime.io import write_json
+    from runtime.metadata import parse_imgsz
+
+    from .checkpoint import load_model
+    from .data import CocoDetection, Transform, find_split
+    from .evaluate import evaluate
+
+    model, config = load_model(args.checkpoint)
+    data = Path(args.data)
+    images, ann = (data.parent / data.stem.removeprefix("instances_"), data) if data.suffix == ".json" \
+        else find_split(data, args.split)
+    imgsz = parse_imgsz(args.imgsz) if args.imgsz else tuple(config["preprocess"]["imgsz"])
+    dataset = CocoDetection(images, ann, Transform("edge", imgsz, train=False), contiguous=args.contiguous_ids)
+    metrics = evaluate(model.to(args.device), dataset, args.batch_size, args.device)
+    for name, value in metrics.items():
+        print(f"{name:>10}: {value:.4f}")
+    if args.out:
+        write_json(args.out, {"checkpoint": args.checkpoint, "data": str(ann), "imgsz": list(imgsz), **metrics})
+
+
+def _synth(args) -> None:
+    from runtime.metadata import parse_imgsz
+
+    from .synth import synthesize
+
+    paths = synthesize(args.out, args.train, args.val, parse_imgsz(args.imgsz), args.video_frames, args.seed)
+    log.info("wrote %s, %s and %s", *paths.values())

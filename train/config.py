@@ -62,6 +62,9 @@ PRESETS: dict[str, tuple[DETRConfig, tuple[int, int]]] = {
     # Edge: ResNet-18, half the transformer depth, a quarter of the feed-forward width.
     "detr_r18": (replace(_R50, backbone="resnet18", enc_layers=3, dec_layers=3, dim_feedforward=1024),
                  (640, 640)),
+    # Training from scratch on CPUs (the demo): trainable BatchNorm, d=128, 20 queries.
+    "detr_r18_tiny": (replace(_R50, backbone="resnet18", frozen_bn=False, hidden_dim=128, enc_layers=3,
+                              dec_layers=3, dim_feedforward=512, dropout=0.0, num_queries=20), (192, 192)),
 }
 
 

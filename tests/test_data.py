@@ -1,0 +1,102 @@
+"""COCO-format loading on the real coco-tiny file, the augmentations, batching, synth data."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import box_convert
+
+from runtime.errors import UserError
+from runtime.metadata import preprocess_spec
+from runtime.preprocess import preprocess
+from train.data import CocoDetection, Transform, collate, find_split
+from train.synth import CLASSES, synthesize
+
+from conftest import COCO_TINY
+
+
+@pytest.fixture(scope="module")
+def coco_tiny():
+    ann = COCO_TINY / "instances_val2017.json"
+    if not ann.exists():
+        pytest.skip(f"real data not present at {ann}")
+    return COCO_TINY / "val2017", ann
+
+
+def test_coco_tiny_counts_and_crowd_boxes(coco_tiny):
+    dataset = CocoDetection(*coco_tiny)
+    raw = json.loads(coco_tiny[1].read_text())
+    assert len(dataset) == 50 and len(raw["annotations"]) == 382
+    crowd = [a for a in raw["annotations"] if a["iscrowd"]]
+    assert len(crowd) == 5
+    loaded = sum(len(dataset.load(i)[1]) for i in range(len(dataset)))
+    assert loaded == 382 - 5  # every non-crowd box, no crowd box
+    assert dataset.num_classes == 91 and dataset.classes[1] == "person" and dataset.classes[12] == "N/A"
+    contiguous = CocoDetection(*coco_tiny, contiguous=True)
+    assert contiguous.num_classes == len(raw["categories"]) == 80  # every category of the file, used or not
+    assert contiguous.label_to_cat[0] == min(c["id"] for c in raw["categories"])
+
+
+@pytest.mark.parametrize("recipe", ["edge", "official"])
+def test_boxes_stay_inside_images_over_many_augmentations(coco_tiny, recipe):
+    torch.manual_seed(0)
+    import random
+    random.seed(0)
+    dataset = CocoDetection(*coco_tiny, Transform(recipe, (256, 320), train=True))
+    for trial in range(120):
+        image, mask, target = dataset[trial % len(dataset)]
+        xyxy = box_convert(target["boxes"], "cxcywh", "xyxy")
+        assert (xyxy >= -1e-5).all() and (xyxy <= 1 + 1e-5).all(), (trial, xyxy)
+        assert (xyxy[:, 2:] > xyxy[:, :2]).all()
+        assert len(target["labels"]) == len(target["boxes"])
+        height, width = target["size"].tolist()
+        if recipe == "edge":
+            assert image.shape == (3, 256, 320) and (~mask).sum() > 0
+        else:
+            assert 480 <= min(height, width) <= 800 and max(height, width) <= 1333
+            assert image.shape[-2:] == (height, width)
+
+
+def test_edge_eval_transform_is_the_runtime_preprocessing(coco_tiny):
+    dataset = CocoDetection(*coco_tiny, Transform("edge", (256, 320), train=False))
+    frame, boxes, _ = dataset.load(3)
+    image, mask, target = dataset[3]
+    batch = preprocess([frame], preprocess_spec((256, 320)))
+    assert torch.equal(image, torch.from_numpy(batch.images[0])) and torch.equal(mask, torch.from_numpy(batch.mask[0]))
+    height, width = frame.shape[:2]
+    expected = box_convert(torch.from_numpy(boxes), "xyxy", "cxcywh") / torch.tensor([width, height, width, height])
+    assert torch.allclose(target["boxes"], expected)
+
+
+def test_collate_pads_with_mask():
+    a = (torch.ones(3, 4, 6), torch.zeros(4, 6, dtype=torch.bool), {})
+    b = (torch.ones(3, 5, 3), torch.zeros(5, 3, dtype=torch.bool), {})
+    images, mask, _ = collate([a, b])
+    assert images.shape == (2, 3, 5, 6)
+    assert mask[0, 4].all() and not mask[0, :4].any() and mask[1, :, 3:].all() and not mask[1, :, :3].any()
+    assert (images[mask.unsqueeze(1).expand_as(images)] == 0).all()
+
+
+def test_find_split_layouts(tmp_path, coco_tiny):
+    assert find_split(COCO_TINY, "val") == coco_tiny
+    with pytest.raises(UserError, match="no annotations/instances_train"):
+        find_split(COCO_TINY, "train")
+
+
+def test_synth_is_deterministic_and_well_formed(tmp_path):
+    a = synthesize(tmp_path / "a", train=6, val=2, size=(96, 128), video_frames=12, seed=3)
+    b = synthesize(tmp_path / "b", train=6, val=2, size=(96, 128), video_frames=12, seed=3)
+    assert a["train"].read_text() == b["train"].read_text()
+    assert (tmp_path / "a/train/000004.jpg").read_bytes() == (tmp_path / "b/train/000004.jpg").read_bytes()
+    data = json.loads(a["train"].read_text())
+    assert [c["name"] for c in data["categories"]] == list(CLASSES)
+    assert data["annotations"] and all(1 <= len([x for x in data["annotations"] if x["image_id"] == im["id"]]) <= 5
+                                       for im in data["images"])
+    for ann in data["annotations"]:
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 96 and w > 5 and h > 5
+    dataset = CocoDetection(*find_split(tmp_path / "a", "train"))
+    assert dataset.num_classes == len(CLASSES) + 1  # id 0 unused: max id + 1
+    video = cv2.VideoCapture(str(a["video"]))
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 12 and video.read()[1].shape == (240, 320, 3)

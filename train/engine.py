@@ -1,0 +1,274 @@
+"""The training loop: AdamW with a separate backbone learning rate, gradient clipping,
+linear warm-up and a StepLR-style drop, optional AMP on CUDA, tqdm progress, CSV and
+TensorBoard metrics, periodic COCO evaluation, best/last checkpoints written atomically,
+exact resume (model, optimizer, schedule, epoch, step inside the epoch, RNG), and DDP
+under torchrun (NCCL on GPUs, gloo on CPUs)."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from runtime.errors import UserError
+
+from .checkpoint import load_model, save_checkpoint
+from .config import DETRConfig, checkpoint_config, preset
+from .criterion import SetCriterion
+from .data import CocoDetection, Transform, collate, find_split
+from .detr import DETR
+from .evaluate import evaluate
+
+log = logging.getLogger("detr_edge")
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    out: str = "runs/train"
+    preset: str = "detr_r50"
+    weights: str | None = None       # official / HF / ours: fine-tune (class head re-initialised if needed)
+    resume: str | None = None        # a last.pth of ours: continue exactly
+    imgsz: tuple | None = None       # default: the preset's (or the weights')
+    recipe: str = "edge"             # edge: letterbox at imgsz; official: multi-scale 480..800
+    epochs: int = 300
+    batch_size: int = 2
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    lr_drop: int = 200               # epochs before the x0.1 drop
+    warmup: int = 0                  # linear warm-up steps
+    eos_coef: float = 0.1
+    aux_loss: bool = True
+    contiguous: bool = False         # remap category ids to 0..C-1
+    eval_every: int = 1              # epochs; 0 = only at the end
+    save_every: int = 200            # steps between last.pth writes inside an epoch
+    time_limit: float = 0.0          # minutes; 0 = none
+    workers: int = 1
+    device: str = "cpu"
+    amp: bool = False
+    seed: int = 42
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, sharded over ranks, starting at a given batch:
+    what lets a run resume in the middle of an epoch on the very same order."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.epoch, self.start_batch = 0, 0
+        self.batches = (size // world) // batch_size
+        if self.batches == 0:
+            raise UserError(f"{size} images are fewer than one batch of {batch_size} per process")
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = order[self.rank::self.world][: self.batches * self.batch_size]
+        return iter(mine[self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self):
+        return (self.batches - self.start_batch) * self.batch_size
+
+
+def _distributed() -> tuple[int, int]:
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _param_groups(model: DETR, opts: TrainOptions):
+    """Backbone at lr_backbone (a pretrained, frozen-BN backbone trains layer2..4 only, as
+    the official code); the rest at lr."""
+    backbone, rest = [], []
+    for name, param in model.named_parameters():
+        if name.startswith("backbone."):
+            pretrained_stem = model.config.frozen_bn and not any(f"layer{i}" in name for i in (2, 3, 4))
+            if opts.lr_backbone <= 0 or pretrained_stem:
+                param.requires_grad_(False)
+                continue
+            backbone.append(param)
+        else:
+            rest.append(param)
+    return [{"params": rest, "lr": opts.lr}, {"params": backbone, "lr": opts.lr_backbone}]
+
+
+def _lr_factor(opts: TrainOptions, steps_per_epoch: int):
+    drop_at = opts.lr_drop * steps_per_epoch
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / opts.warmup) if opts.warmup else 1.0
+        return warm * (0.1 if step >= drop_at else 1.0)
+    return factor
+
+
+def build(opts: TrainOptions):
+    """Datasets, model, config and the checkpoint to resume from (if any)."""
+    train_images, train_ann = find_split(opts.data, "train")
+    val_images, val_ann = find_split(opts.data, "val")
+    resumed = torch.load(opts.resume, map_location="cpu", weights_only=True) if opts.resume else None
+    probe = CocoDetection(train_images, train_ann, contiguous=opts.contiguous)
+    if opts.resume:
+        model, config = load_model(opts.resume)
+    elif opts.weights:
+        model, config = load_model(opts.weights, num_classes=probe.num_classes, classes=probe.classes)
+        if opts.imgsz:
+            config = checkpoint_config(model.config, opts.imgsz, config["classes"])
+    else:
+        model_config, imgsz = preset(opts.preset)
+        model_config = DETRConfig.from_dict({**model_config.to_dict(), "num_classes": probe.num_classes})
+        model = DETR(model_config)
+        config = checkpoint_config(model_config, opts.imgsz or imgsz, probe.classes)
+    if config["model"]["num_classes"] != probe.num_classes:
+        raise UserError(f"{opts.resume}: the model has {config['model']['num_classes']} classes, "
+                        f"the data {probe.num_classes}")
+    imgsz = tuple(config["preprocess"]["imgsz"])
+    probe.transform = Transform(opts.recipe, imgsz, train=True)
+    val = CocoDetection(val_images, val_ann, Transform("edge", imgsz, train=False), contiguous=opts.contiguous)
+    return probe, val, model, config, resumed
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def train(opts: TrainOptions) -> dict:
+    rank, world = _distributed()
+    torch.manual_seed(opts.seed + rank)
+    random.seed(opts.seed + rank)
+    out = Path(opts.out)
+    train_set, val_set, model, config, resumed = build(opts)
+    device = torch.device(opts.device)
+    model.to(device).train()
+    criterion = SetCriterion(model.config.num_classes, eos_coef=opts.eos_coef, aux_loss=opts.aux_loss).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, opts), lr=opts.lr, weight_decay=opts.weight_decay)
+    sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(opts, sampler.batches))
+    scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and device.type == "cuda")
+    epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["lr_scheduler"])
+        epoch, step_in_epoch = resumed["epoch"], resumed["step_in_epoch"]
+        global_step, best_ap = resumed["global_step"], resumed.get("best_ap", -1.0)
+        _set_rng_state(resumed["rng"])
+        log.info("resumed %s at epoch %d, step %d of %d", opts.resume, epoch, step_in_epoch, sampler.batches)
+    net = DistributedDataParallel(model) if world > 1 else model
+    loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=opts.workers,
+                                         persistent_workers=False, drop_last=True)
+    main_process = rank == 0
+    writer = _tensorboard(out) if main_process else None
+    csv_path = out / "metrics.csv"
+    start = time.monotonic()
+    deadline = start + opts.time_limit * 60 if opts.time_limit else math.inf
+    metrics = {}
+
+    def save(name: str, finished_epoch: bool = False) -> None:
+        if main_process:
+            save_checkpoint(out / name, model, config, optimizer=optimizer.state_dict(),
+                            lr_scheduler=scheduler.state_dict(),
+                            epoch=epoch + 1 if finished_epoch else epoch,
+                            step_in_epoch=0 if finished_epoch else step_in_epoch,
+                            global_step=global_step, best_ap=best_ap, rng=_rng_state(),
+                            options={k: v for k, v in asdict(opts).items() if v is not None}, metrics=metrics)
+
+    out_of_time = False
+    while epoch < opts.epochs and not out_of_time:
+        sampler.epoch, sampler.start_batch = epoch, step_in_epoch
+        progress = _progress(loader, main_process, epoch, opts.epochs)
+        seen, tick = 0, time.monotonic()
+        for images, mask, targets in progress:
+            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            with torch.autocast(device.type, enabled=scaler.is_enabled()):
+                losses = criterion(net(images, mask), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.unscale_(optimizer)
+            if opts.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step_in_epoch += 1
+            global_step += 1
+            seen += len(targets) * world
+            if main_process:
+                row = {"step": global_step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                       "images_per_s": seen / max(time.monotonic() - tick, 1e-9),
+                       **{k: float(v) for k, v in losses.items()}}
+                _log_row(csv_path, row, writer)
+                progress.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['loss_ce']:.3f}",
+                                     l1=f"{row['loss_bbox']:.3f}", giou=f"{row['loss_giou']:.3f}",
+                                     img_s=f"{row['images_per_s']:.1f}")
+            if opts.save_every and global_step % opts.save_every == 0:
+                save("last.pth")
+            if time.monotonic() > deadline:
+                out_of_time = True
+                break
+        finished = not out_of_time
+        last_epoch = epoch + 1 >= opts.epochs
+        if main_process and (out_of_time or last_epoch or (opts.eval_every and (epoch + 1) % opts.eval_every == 0)):
+            metrics = evaluate(model, val_set, batch_size=max(1, opts.batch_size), device=device)
+            log.info("epoch %d: AP %.3f AP50 %.3f (%s)", epoch, metrics["AP"], metrics["AP50"],
+                     _elapsed(start))
+            _log_row(out / "eval.csv", {"step": global_step, "epoch": epoch,
+                                        "minutes": (time.monotonic() - start) / 60, **metrics}, writer)
+            if metrics["AP"] > best_ap:
+                best_ap = metrics["AP"]
+                save("best.pth", finished_epoch=finished)
+        save("last.pth", finished_epoch=finished)
+        if finished:
+            epoch, step_in_epoch = epoch + 1, 0
+        if world > 1:
+            dist.barrier()
+    if writer:
+        writer.close()
+    return metrics
+
+
+def _elapsed(start: float) -> str:
+    return f"{(time.monotonic() - start) / 60:.1f} min"
+
+
+def _progress(loader, enabled: bool, epoch: int, epochs: int):
+    from tqdm import tqdm
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: CSV always
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _log_row(path: Path, row: dict, writer) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            out.writeheader()
+        out.writerow(row)
+    if writer is not None:
+        for key, value in row.items():
+            if key not in ("step", "epoch"):
+                writer.add_scalar(f"{path.stem}/{key}", value, row["step"])

@@ -1,0 +1,151 @@
+"""`detr-edge data synth`: an embedded, download-free COCO-format dataset of shapes, and
+a short video of the same shapes moving (the demo's data). Deterministic by seed.
+
+Four classes (square, circle, triangle, star) of varied size (small to large) and
+colour, overlapping a little, on cluttered backgrounds (noise, gradients, thin lines and
+small blobs that are not objects)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from runtime.errors import UserError
+from runtime.io import atomic_path, write_json
+
+CLASSES = ("square", "circle", "triangle", "star")
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, rng) -> np.ndarray:
+    if kind == "triangle":
+        angles = np.deg2rad([-90, 30, 150])
+        radii = np.full(3, r)
+    elif kind == "star":
+        angles = np.deg2rad(np.arange(10) * 36 - 90)
+        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+    else:  # square
+        angles = np.deg2rad([-135, -45, 45, 135])
+        radii = np.full(4, r)
+    return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+
+
+def draw_shape(image: np.ndarray, kind: str, cx: float, cy: float, r: float, color, rng) -> list[float]:
+    """Draw one filled shape; return its exact box [x, y, w, h] clipped to the image."""
+    if kind == "circle":
+        cv2.circle(image, (round(cx), round(cy)), round(r), color, cv2.FILLED, cv2.LINE_AA)
+        x1, y1, x2, y2 = cx - round(r), cy - round(r), cx + round(r), cy + round(r)
+    else:
+        points = _polygon(kind, cx, cy, r, rng)
+        cv2.fillPoly(image, [np.round(points).astype(np.int32)], color, cv2.LINE_AA)
+        (x1, y1), (x2, y2) = points.min(0), points.max(0)
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
+    return [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]
+
+
+def background(rng, height: int, width: int) -> np.ndarray:
+    base = rng.integers(0, 256, 3)
+    ramp = np.linspace(0, 1, width)[None, :, None] * rng.integers(-80, 80, 3)
+    image = np.clip(base + ramp + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+    for _ in range(rng.integers(2, 8)):  # clutter: thin lines and small blobs, not objects
+        p1, p2 = rng.integers(0, [width, height], 2), rng.integers(0, [width, height], 2)
+        cv2.line(image, tuple(map(int, p1)), tuple(map(int, p2)), tuple(map(int, rng.integers(0, 256, 3))), 1)
+    for _ in range(rng.integers(2, 8)):
+        c = rng.integers(0, [width, height], 2)
+        cv2.circle(image, tuple(map(int, c)), int(rng.integers(1, 4)), tuple(map(int, rng.integers(0, 256, 3))), -1)
+    return image
+
+
+def _distinct_color(rng, image, cx, cy):
+    """A colour that stands out from the background under the shape's centre."""
+    under = image[int(cy), int(cx)].astype(int)
+    while True:
+        color = rng.integers(0, 256, 3)
+        if np.abs(color - under).sum() > 150:
+            return tuple(int(c) for c in color)
+
+
+def scene(rng, height: int, width: int, max_objects: int = 5):
+    """-> (BGR image, [(class index, [x, y, w, h])...]). Objects overlap at most a little."""
+    image = background(rng, height, width)
+    objects, boxes = [], []
+    short = min(height, width)
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        for _attempt in range(20):
+            r = float(rng.uniform(0.06, 0.3) * short)  # diameter 12% .. 60% of the short side
+            cx, cy = rng.uniform(r * 0.7, width - r * 0.7), rng.uniform(r * 0.7, height - r * 0.7)
+            box = np.array([cx - r, cy - r, cx + r, cy + r])
+            if all(_iou(box, other) < 0.2 for other in boxes):
+                break
+        else:
+            continue
+        kind = int(rng.integers(len(CLASSES)))
+        bbox = draw_shape(image, CLASSES[kind], cx, cy, r, _distinct_color(rng, image, cx, cy), rng)
+        boxes.append(box)
+        objects.append((kind, bbox))
+    return image, objects
+
+
+def _iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def write_split(out: Path, split: str, count: int, size: tuple[int, int], rng) -> Path:
+    folder = out / split
+    folder.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i in range(count):
+        image, objects = scene(rng, *size)
+        name = f"{i:06d}.jpg"
+        with atomic_path(folder / name) as tmp:
+            cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        images.append({"id": i + 1, "file_name": name, "height": size[0], "width": size[1]})
+        for kind, (x, y, w, h) in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": kind + 1,
+                                "bbox": [round(v, 2) for v in (x, y, w, h)], "area": round(w * h, 2),
+                                "iscrowd": 0})
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
+    path = out / "annotations" / f"instances_{split}.json"
+    write_json(path, {"images": images, "annotations": annotations, "categories": categories})
+    return path
+
+
+def write_video(path: Path, frames: int, size: tuple[int, int], rng, fps: int = 15) -> Path:
+    """Shapes moving across a fixed cluttered background, bouncing off the edges."""
+    height, width = size
+    base = background(rng, height, width)
+    short = min(height, width)
+    movers = []
+    for _ in range(4):
+        r = float(rng.uniform(0.08, 0.2) * short)
+        movers.append({"kind": CLASSES[int(rng.integers(len(CLASSES)))], "r": r,
+                       "pos": rng.uniform([r, r], [width - r, height - r]), "vel": rng.uniform(-4, 4, 2),
+                       "color": tuple(int(c) for c in rng.integers(0, 256, 3))})
+    with atomic_path(path) as tmp:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        if not writer.isOpened():
+            raise UserError(f"{path}: OpenCV cannot write mp4 here")
+        for _ in range(frames):
+            frame = base.copy()
+            for m in movers:
+                m["pos"] += m["vel"]
+                for axis, limit in ((0, width), (1, height)):
+                    if not m["r"] <= m["pos"][axis] <= limit - m["r"]:
+                        m["vel"][axis] *= -1
+                        m["pos"][axis] = np.clip(m["pos"][axis], m["r"], limit - m["r"])
+                draw_shape(frame, m["kind"], *m["pos"], m["r"], m["color"], rng)
+            writer.write(frame)
+        writer.release()
+    return path
+
+
+def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_frames: int = 150,
+               seed: int = 0) -> dict:
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    return {"train": write_split(out, "train", train, size, rng), "val": write_split(out, "val", val, size, rng),
+            "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng)}
