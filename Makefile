@@ -3,10 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-CLI    := $(VENV)/bin/detr-edge
 DEMO   := demo-out
-# A real photo when ../shared/data is beside the clone, otherwise a generated scene.
-DEMO_IMAGE ?= $(firstword $(wildcard ../shared/data/coco-tiny/val2017/*.jpg))
+DEMO_MINUTES ?= 10
 
 .PHONY: demo test venv clean
 
@@ -22,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m export.demo --out $(DEMO) $(if $(DEMO_IMAGE),--image $(DEMO_IMAGE))
+	$(PY) -m export.demo --out $(DEMO) --minutes $(DEMO_MINUTES)
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -92,6 +92,15 @@ def test_fine_tune_reinitialises_only_the_class_head(tmp_path, small_model, capl
     assert all(torch.equal(old[k], new[k]) for k in new if not k.startswith("class_embed"))
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_random_bytes_never_escape_as_a_traceback(tmp_path, seed):
+    import random
+    path = tmp_path / "noise.pth"
+    path.write_bytes(random.Random(seed).randbytes(2048))
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        load_model(path)
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
@@ -104,7 +113,7 @@ def test_bad_files_give_one_clear_line(tmp_path, small_model, kind, monkeypatch)
     good = tmp_path / "good.pth"
     save_checkpoint(good, small_model, checkpoint_config(SMALL, (96, 128)))
     if kind == "garbage":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(bytes(range(256)) * 16)
         expected = "not a readable PyTorch checkpoint"
     elif kind == "truncated":
         path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])

@@ -122,3 +122,28 @@ def test_aux_losses_one_term_per_decoder_layer():
     assert torch.isclose(losses["loss"], expected)
     assert set(SetCriterion(3, aux_loss=False)(out, targets)) == {
         "loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"}
+
+
+def test_group_detr_groups_are_blind_and_matched_separately():
+    from train.config import DETRConfig
+    from train.detr import DETR
+    torch.manual_seed(0)
+    model = DETR(DETRConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+                            dim_feedforward=32, num_queries=6, num_classes=3, dropout=0.0)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    extra = torch.randn(2 * 6, 32)
+    with torch.no_grad():
+        plain, grouped = model(images), model(images, group_queries=extra)
+    assert grouped["pred_logits"].shape == (2, 18, 4)
+    # the model's own queries do not see the extra groups: identical to plain DETR
+    assert torch.allclose(grouped["pred_logits"][:, :6], plain["pred_logits"], atol=1e-5)
+    assert torch.allclose(grouped["aux_outputs"][0]["pred_boxes"][:, :6], plain["aux_outputs"][0]["pred_boxes"], atol=1e-5)
+    _, targets = outputs_for()
+    losses = SetCriterion(3, groups=3)(grouped, targets)
+    per_group = [SetCriterion(3)({"pred_logits": grouped["pred_logits"][:, g * 6:(g + 1) * 6],
+                                  "pred_boxes": grouped["pred_boxes"][:, g * 6:(g + 1) * 6],
+                                  "aux_outputs": [{k: v[:, g * 6:(g + 1) * 6] for k, v in a.items()}
+                                                  for a in grouped["aux_outputs"]]}, targets) for g in range(3)]
+    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou_0"):
+        assert torch.isclose(losses[key], sum(p[key] for p in per_group), atol=1e-5)
+    assert torch.isclose(losses["class_error"], per_group[0]["class_error"])

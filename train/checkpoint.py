@@ -47,7 +47,7 @@ def _torch_load(path: Path):
             raise UserError(f"{path}: refused to load: the file holds a disallowed object ({found.group(1)}); "
                             "only weights are loaded (weights_only=True)") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint (unrecognised content)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # the unpickler raises anything (IndexError, KeyError, ...) on garbage
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated? {reason})") from None
 

@@ -43,6 +43,7 @@ def register(sub) -> None:
             ("weight-decay", float, "default 1e-4"), ("clip-max-norm", float, "default 0.1"),
             ("lr-drop", int, "epoch of the x0.1 drop, default 200"), ("warmup", int, "linear warm-up steps"),
             ("eos-coef", float, "no-object class weight, default 0.1"),
+            ("groups", int, "Group DETR query groups for faster convergence (training only), default 1"),
             ("eval-every", int, "epochs between COCO evaluations (0: only at the end), default 1"),
             ("save-every", int, "steps between last.pth writes, default 200"),
             ("time-limit", float, "minutes; stop, evaluate and save when reached"),
@@ -72,6 +73,7 @@ def register(sub) -> None:
     p.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
     p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
     p.add_argument("--imgsz", default="192", help="image size H x W or S (default 192)")
+    p.add_argument("--max-objects", type=int, default=5, help="objects per image: 1 to this (default 5)")
     p.add_argument("--video-frames", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
@@ -148,5 +150,6 @@ def _synth(args) -> None:
 
     from .synth import synthesize
 
-    paths = synthesize(args.out, args.train, args.val, parse_imgsz(args.imgsz), args.video_frames, args.seed)
+    paths = synthesize(args.out, args.train, args.val, parse_imgsz(args.imgsz), args.video_frames, args.seed,
+                       args.max_objects)
     log.info("wrote %s, %s and %s", *paths.values())

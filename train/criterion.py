@@ -15,8 +15,10 @@ from .matcher import HungarianMatcher
 
 class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, eos_coef: float = 0.1,
-                 loss_ce: float = 1.0, loss_bbox: float = 5.0, loss_giou: float = 2.0, aux_loss: bool = True):
+                 loss_ce: float = 1.0, loss_bbox: float = 5.0, loss_giou: float = 2.0, aux_loss: bool = True,
+                 groups: int = 1):
         super().__init__()
+        self.groups = groups  # Group DETR: each group of queries matched one-to-one on its own
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher()
         self.weights = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
@@ -63,18 +65,20 @@ class SetCriterion(nn.Module):
         """-> {'loss': weighted total, 'loss_ce', 'loss_bbox', 'loss_giou', 'class_error',
         'cardinality_error', and 'loss_ce_0', ... for each auxiliary layer}."""
         layers = [outputs] + (outputs["aux_outputs"] if self.aux_loss else [])
-        logits = torch.stack([o["pred_logits"] for o in layers])
-        boxes = torch.stack([o["pred_boxes"] for o in layers])
+        # [layers * groups, B, N, ...]: every (layer, group) is matched in one matcher call
+        logits = torch.cat([o["pred_logits"].unflatten(1, (self.groups, -1)).transpose(0, 1) for o in layers])
+        boxes = torch.cat([o["pred_boxes"].unflatten(1, (self.groups, -1)).transpose(0, 1) for o in layers])
         indices = self.matcher(logits, boxes, targets)
         num_boxes = self._num_boxes(targets, logits.device)
         losses, total = {}, 0.0
-        for layer, (layer_logits, layer_boxes, layer_indices) in enumerate(zip(logits, boxes, indices)):
+        for i, (layer_logits, layer_boxes, layer_indices) in enumerate(zip(logits, boxes, indices)):
+            layer = i // self.groups
             parts = self._layer_losses(layer_logits, layer_boxes, targets, layer_indices, num_boxes)
             suffix = "" if layer == 0 else f"_{layer - 1}"  # aux layers numbered like the official code
-            if layer == 0:
+            if i == 0:
                 losses.update(self._logged(layer_logits, parts["_matched_logits"], parts["_matched_labels"], targets))
             for name, weight in self.weights.items():
-                losses[name + suffix] = parts[name]
+                losses[name + suffix] = losses.get(name + suffix, 0.0) + parts[name]  # summed over groups
                 total = total + weight * parts[name]
         losses["loss"] = total
         return losses

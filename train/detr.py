@@ -42,13 +42,23 @@ class DETR(nn.Module):
                                PositionEmbeddingSine(d // 2, normalize=True))
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                group_queries: torch.Tensor | None = None) -> dict:
         """images [B,3,H,W], mask [B,H,W] (True = padding) -> {'pred_logits' [B,N,K+1],
-        'pred_boxes' [B,N,4] cxcywh in [0,1] of the unpadded image, 'aux_outputs': [...]}."""
+        'pred_boxes' [B,N,4] cxcywh in [0,1] of the unpadded image, 'aux_outputs': [...]}.
+
+        `group_queries` [(G-1)*N, d] (training only, Group DETR): extra query groups decoded
+        beside the model's own, each blind to the others, so outputs have G*N queries."""
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        queries, self_attn_mask = self.query_embed.weight, None
+        if group_queries is not None:
+            queries = torch.cat([queries, group_queries])
+            block = torch.ones(self.config.num_queries, self.config.num_queries, dtype=torch.bool,
+                               device=queries.device)
+            self_attn_mask = ~torch.block_diag(*[block] * (queries.shape[0] // self.config.num_queries))
         features, mask, pos = self.backbone(images, mask)
-        hs = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)[0]
+        hs = self.transformer(self.input_proj(features), mask, queries, pos, self_attn_mask)[0]
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],

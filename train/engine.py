@@ -49,6 +49,7 @@ class TrainOptions:
     warmup: int = 0                  # linear warm-up steps
     eos_coef: float = 0.1
     aux_loss: bool = True
+    groups: int = 1                  # Group DETR query groups (training only; the model stays plain DETR)
     contiguous: bool = False         # remap category ids to 0..C-1
     eval_every: int = 1              # epochs; 0 = only at the end
     save_every: int = 200            # steps between last.pth writes inside an epoch
@@ -79,6 +80,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.batches - self.start_batch) * self.batch_size
 
 
+class GroupDETR(torch.nn.Module):
+    """Training-time wrapper for Group DETR (Chen et al. 2023): G-1 extra groups of learned
+    queries decoded beside the model's own, blind to each other, each matched one-to-one.
+    More positive matches per image speed up convergence; the groups are dropped after
+    training, so checkpoints and exports are plain DETR (the groups are kept beside the
+    weights under 'group_queries' only to resume)."""
+
+    def __init__(self, model: DETR, groups: int):
+        super().__init__()
+        self.model = model
+        extra = (groups - 1) * model.config.num_queries
+        self.group_queries = torch.nn.Parameter(torch.randn(extra, model.config.hidden_dim)) if extra else None
+
+    def forward(self, images, mask):
+        return self.model(images, mask, self.group_queries)
+
+
 def _distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:
         return 0, 1
@@ -87,13 +105,13 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _param_groups(model: DETR, opts: TrainOptions):
+def _param_groups(trainer: GroupDETR, opts: TrainOptions):
     """Backbone at lr_backbone (a pretrained, frozen-BN backbone trains layer2..4 only, as
     the official code); the rest at lr."""
     backbone, rest = [], []
-    for name, param in model.named_parameters():
-        if name.startswith("backbone."):
-            pretrained_stem = model.config.frozen_bn and not any(f"layer{i}" in name for i in (2, 3, 4))
+    for name, param in trainer.named_parameters():
+        if name.startswith("model.backbone."):
+            pretrained_stem = trainer.model.config.frozen_bn and not any(f"layer{i}" in name for i in (2, 3, 4))
             if opts.lr_backbone <= 0 or pretrained_stem:
                 param.requires_grad_(False)
                 continue
@@ -155,20 +173,24 @@ def train(opts: TrainOptions) -> dict:
     train_set, val_set, model, config, resumed = build(opts)
     device = torch.device(opts.device)
     model.to(device).train()
-    criterion = SetCriterion(model.config.num_classes, eos_coef=opts.eos_coef, aux_loss=opts.aux_loss).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, opts), lr=opts.lr, weight_decay=opts.weight_decay)
+    criterion = SetCriterion(model.config.num_classes, eos_coef=opts.eos_coef, aux_loss=opts.aux_loss,
+                             groups=opts.groups).to(device)
+    trainer = GroupDETR(model, opts.groups).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(trainer, opts), lr=opts.lr, weight_decay=opts.weight_decay)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(opts, sampler.batches))
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and device.type == "cuda")
     epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
     if resumed:
+        if resumed.get("group_queries") is not None and trainer.group_queries is not None:
+            trainer.group_queries.data.copy_(resumed["group_queries"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["lr_scheduler"])
         epoch, step_in_epoch = resumed["epoch"], resumed["step_in_epoch"]
         global_step, best_ap = resumed["global_step"], resumed.get("best_ap", -1.0)
         _set_rng_state(resumed["rng"])
         log.info("resumed %s at epoch %d, step %d of %d", opts.resume, epoch, step_in_epoch, sampler.batches)
-    net = DistributedDataParallel(model) if world > 1 else model
+    net = DistributedDataParallel(trainer) if world > 1 else trainer
     loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
                                          collate_fn=collate, num_workers=opts.workers,
                                          persistent_workers=False, drop_last=True)
@@ -186,6 +208,7 @@ def train(opts: TrainOptions) -> dict:
                             epoch=epoch + 1 if finished_epoch else epoch,
                             step_in_epoch=0 if finished_epoch else step_in_epoch,
                             global_step=global_step, best_ap=best_ap, rng=_rng_state(),
+                            group_queries=None if trainer.group_queries is None else trainer.group_queries.detach(),
                             options={k: v for k, v in asdict(opts).items() if v is not None}, metrics=metrics)
 
     out_of_time = False
@@ -202,7 +225,7 @@ def train(opts: TrainOptions) -> dict:
             scaler.scale(losses["loss"]).backward()
             scaler.unscale_(optimizer)
             if opts.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_max_norm)
+                torch.nn.utils.clip_grad_norm_(trainer.parameters(), opts.clip_max_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -212,7 +235,7 @@ def train(opts: TrainOptions) -> dict:
             if main_process:
                 row = {"step": global_step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                        "images_per_s": seen / max(time.monotonic() - tick, 1e-9),
-                       **{k: float(v) for k, v in losses.items()}}
+                       **{k: float(v.detach()) for k, v in losses.items()}}
                 _log_row(csv_path, row, writer)
                 progress.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['loss_ce']:.3f}",
                                      l1=f"{row['loss_bbox']:.3f}", giou=f"{row['loss_giou']:.3f}",
@@ -249,7 +272,9 @@ def _elapsed(start: float) -> str:
 
 def _progress(loader, enabled: bool, epoch: int, epochs: int):
     from tqdm import tqdm
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not enabled, dynamic_ncols=True, leave=False)
+    # on a terminal only (disable=None): logs and CI get the CSV and the per-epoch lines instead
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=None if enabled else True, dynamic_ncols=True,
+                leave=False)
 
 
 def _tensorboard(out: Path):

@@ -94,12 +94,12 @@ def _iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def write_split(out: Path, split: str, count: int, size: tuple[int, int], rng) -> Path:
+def write_split(out: Path, split: str, count: int, size: tuple[int, int], rng, max_objects: int = 5) -> Path:
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(count):
-        image, objects = scene(rng, *size)
+        image, objects = scene(rng, *size, max_objects=max_objects)
         name = f"{i:06d}.jpg"
         with atomic_path(folder / name) as tmp:
             cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
@@ -144,8 +144,9 @@ def write_video(path: Path, frames: int, size: tuple[int, int], rng, fps: int = 
 
 
 def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_frames: int = 150,
-               seed: int = 0) -> dict:
+               seed: int = 0, max_objects: int = 5) -> dict:
     out = Path(out)
     rng = np.random.default_rng(seed)
-    return {"train": write_split(out, "train", train, size, rng), "val": write_split(out, "val", val, size, rng),
+    return {"train": write_split(out, "train", train, size, rng, max_objects),
+            "val": write_split(out, "val", val, size, rng, max_objects),
             "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng)}

@@ -65,9 +65,9 @@ class DecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.pre_norm = pre_norm
 
-    def _self_attend(self, tgt, query_pos):
+    def _self_attend(self, tgt, query_pos, self_attn_mask):
         q = k = _with_pos(tgt, query_pos)
-        return self.dropout1(self.self_attn(q, k, value=tgt)[0])
+        return self.dropout1(self.self_attn(q, k, value=tgt, attn_mask=self_attn_mask)[0])
 
     def _cross_attend(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
         out = self.multihead_attn(query=_with_pos(tgt, query_pos), key=_with_pos(memory, pos),
@@ -77,12 +77,12 @@ class DecoderLayer(nn.Module):
     def _feed_forward(self, x):
         return self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask=None):
         if self.pre_norm:
-            tgt = tgt + self._self_attend(self.norm1(tgt), query_pos)
+            tgt = tgt + self._self_attend(self.norm1(tgt), query_pos, self_attn_mask)
             tgt = tgt + self._cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos)
             return tgt + self._feed_forward(self.norm3(tgt))
-        tgt = self.norm1(tgt + self._self_attend(tgt, query_pos))
+        tgt = self.norm1(tgt + self._self_attend(tgt, query_pos, self_attn_mask))
         tgt = self.norm2(tgt + self._cross_attend(tgt, memory, memory_key_padding_mask, pos, query_pos))
         return self.norm3(tgt + self._feed_forward(tgt))
 
@@ -105,11 +105,11 @@ class Decoder(nn.Module):
         self.layers = _clones(layer, num_layers)
         self.norm = norm
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask=None):
         """-> [num_layers, num_queries, batch, d_model], every layer through the final norm."""
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask)
             intermediate.append(self.norm(tgt))
         return torch.stack(intermediate)
 
@@ -126,8 +126,9 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src, mask, query_embed, pos_embed):
-        """src/pos_embed [B,C,h,w], mask [B,h,w], query_embed [N,C] -> hs [L,B,N,C], memory [B,C,h,w]."""
+    def forward(self, src, mask, query_embed, pos_embed, self_attn_mask=None):
+        """src/pos_embed [B,C,h,w], mask [B,h,w], query_embed [N,C] -> hs [L,B,N,C], memory [B,C,h,w].
+        `self_attn_mask` [N,N] (True = blocked) restricts the decoder's query self-attention."""
         bs, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
@@ -135,5 +136,6 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)
         memory = self.encoder(src, key_padding_mask=mask, pos=pos_embed)
         tgt = torch.zeros_like(query_embed)
-        hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed)
+        hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed,
+                          self_attn_mask=self_attn_mask)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(bs, c, h, w)
