@@ -1,6 +1,7 @@
 """`detr-edge info`: what a checkpoint or an ONNX file holds."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from runtime.errors import UserError
@@ -31,18 +32,11 @@ def onnx_info(path) -> dict:
 
     def shapes(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
-    params = sum(int(_numel(t.dims)) for t in model.graph.initializer)
+    params = sum(math.prod(t.dims) for t in model.graph.initializer)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
     return {"file": str(path), "kind": "onnx", "opset": opset, "parameters": params,
             "inputs": shapes(model.graph.input), "outputs": shapes(model.graph.output),
             **loads(props[METADATA_KEY], str(path))}
-
-
-def _numel(dims) -> int:
-    total = 1
-    for d in dims:
-        total *= d
-    return total
 
 
 def info(path) -> dict:

@@ -75,9 +75,23 @@ def our_model(hf_detr):
     return model
 
 
-def padded_batch(photos, imgsz):
-    """Real photos of different aspect ratios letterboxed into one batch: each is padded differently."""
-    batch = preprocess([cv2.imread(str(p)) for p in photos], preprocess_spec(imgsz))
+@pytest.fixture(scope="module")
+def frames():
+    """Real photos of three aspect ratios (../shared/data); in a bare clone, generated
+    scenes of the same three shapes, so parity is still checked there."""
+    from conftest import COCO_TINY
+    photos = sorted((COCO_TINY / "val2017").glob("*.jpg"))
+    if photos:
+        loaded = sorted((cv2.imread(str(p)) for p in photos), key=lambda f: f.shape[1] / f.shape[0])
+        return [loaded[-1], loaded[0], loaded[len(loaded) // 2]]  # widest, tallest, middle
+    from train.synth import scene
+    rng = np.random.default_rng(0)
+    return [scene(rng, h, w)[0] for h, w in ((360, 640), (640, 427), (480, 500))]
+
+
+def padded_batch(frames, imgsz):
+    """Frames of different aspect ratios letterboxed into one batch: each is padded differently."""
+    batch = preprocess(frames, preprocess_spec(imgsz))
     assert batch.mask.any(axis=(1, 2)).all()  # every image really has padding
     return torch.from_numpy(batch.images), torch.from_numpy(batch.mask)
 
@@ -94,8 +108,8 @@ def compare(hf_detr, ours, images, mask):
 
 
 @pytest.mark.parametrize("spec,imgsz", [(SMALL, (256, 320)), (R50, (320, 416))], ids=["small", "r50"])
-def test_matches_transformers_on_padded_real_batch(spec, imgsz, photos_by_aspect):
-    images, mask = padded_batch(photos_by_aspect, imgsz)
+def test_matches_transformers_on_padded_real_batch(spec, imgsz, frames):
+    images, mask = padded_batch(frames, imgsz)
     hf_detr = hf_model(spec, images)
     ours = our_model(hf_detr)
     logit_err, box_err, spread = compare(hf_detr, ours, images, mask)
@@ -103,9 +117,9 @@ def test_matches_transformers_on_padded_real_batch(spec, imgsz, photos_by_aspect
     assert logit_err <= 1e-4 and box_err <= 1e-4, (logit_err, box_err)
 
 
-def test_mask_matters_and_is_honoured_like_transformers(photos_by_aspect):
+def test_mask_matters_and_is_honoured_like_transformers(frames):
     """Same pixels, no mask vs. the padding mask: both implementations move the same way."""
-    images, mask = padded_batch(photos_by_aspect[:1], (256, 320))
+    images, mask = padded_batch(frames[:1], (256, 320))
     hf_detr = hf_model(SMALL, images, seed=1)
     ours = our_model(hf_detr)
     unmasked = torch.zeros_like(mask)
@@ -115,8 +129,8 @@ def test_mask_matters_and_is_honoured_like_transformers(photos_by_aspect):
         assert (ours(images, mask)["pred_boxes"] - ours(images, unmasked)["pred_boxes"]).abs().max() > 1e-3
 
 
-def test_hugging_face_folder_loads_through_checkpoint_reader(tmp_path, photos_by_aspect):
-    images, mask = padded_batch(photos_by_aspect, (256, 320))
+def test_hugging_face_folder_loads_through_checkpoint_reader(tmp_path, frames):
+    images, mask = padded_batch(frames, (256, 320))
     hf_detr = hf_model(SMALL, images, seed=2)
     hf_detr.config.id2label = {i: f"thing{i}" for i in range(5)}
     hf_detr.save_pretrained(tmp_path / "hf")

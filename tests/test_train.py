@@ -113,3 +113,12 @@ def test_torchrun_two_processes_gloo(shapes, tmp_path):
     assert set(ddp_ckpt["model"]) == set(one_ckpt["model"])
     assert ddp_ckpt["epoch"] == 1 and ddp_ckpt["global_step"] == 48 // 2 // 4  # each rank saw half the data
     assert not any(k.startswith("module.") for k in ddp_ckpt["model"])
+
+
+def test_resume_refuses_a_checkpoint_without_training_state(shapes, tmp_path):
+    weights = tmp_path / "fresh.pth"
+    assert main(["init", "detr_r18_tiny", str(weights), "--num-classes", "5"]) == 0
+    proc = run_cli("train", "--data", str(shapes), "--resume", str(weights), "--out", str(tmp_path / "r"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == (f"detr-edge: error: {weights}: holds no detr-edge training "
+                                                    "state to resume; start from it with --weights")

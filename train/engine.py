@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from runtime.errors import UserError
 
-from .checkpoint import load_model, save_checkpoint
+from .checkpoint import load_model, read_checkpoint, save_checkpoint
 from .config import DETRConfig, checkpoint_config, preset
 from .criterion import SetCriterion
 from .data import CocoDetection, Transform, collate, find_split
@@ -134,7 +134,9 @@ def build(opts: TrainOptions):
     """Datasets, model, config and the checkpoint to resume from (if any)."""
     train_images, train_ann = find_split(opts.data, "train")
     val_images, val_ann = find_split(opts.data, "val")
-    resumed = torch.load(opts.resume, map_location="cpu", weights_only=True) if opts.resume else None
+    resumed = read_checkpoint(opts.resume)[2] if opts.resume else None
+    if resumed is not None and "step_in_epoch" not in resumed:
+        raise UserError(f"{opts.resume}: holds no detr-edge training state to resume; start from it with --weights")
     probe = CocoDetection(train_images, train_ann, contiguous=opts.contiguous)
     if opts.resume:
         model, config = load_model(opts.resume)
@@ -242,7 +244,7 @@ def train(opts: TrainOptions) -> dict:
                                      img_s=f"{row['images_per_s']:.1f}")
             if opts.save_every and global_step % opts.save_every == 0:
                 save("last.pth")
-            if time.monotonic() > deadline:
+            if deadline < math.inf and _any_rank(time.monotonic() > deadline, world, device):
                 out_of_time = True
                 break
         finished = not out_of_time
@@ -264,6 +266,15 @@ def train(opts: TrainOptions) -> dict:
     if writer:
         writer.close()
     return metrics
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    """True when any process says so: ranks must stop at the same step or DDP hangs."""
+    if world == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _elapsed(start: float) -> str:

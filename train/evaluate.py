@@ -8,6 +8,7 @@ import io
 import numpy as np
 import torch
 
+from .data import collate
 from .detr import postprocess
 
 METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -45,7 +46,6 @@ def to_coco_results(detections: dict, image_id: int, label_to_cat: dict) -> list
 def evaluate(model, dataset, batch_size: int = 8, device="cpu", num_workers: int = 0) -> dict:
     """Run `model` over a CocoDetection with an eval transform; every query's best class
     counts as a detection (no threshold), as the official evaluation does."""
-    from .data import collate
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,

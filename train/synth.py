@@ -76,7 +76,7 @@ def scene(rng, height: int, width: int, max_objects: int = 5):
             r = float(rng.uniform(0.06, 0.3) * short)  # diameter 12% .. 60% of the short side
             cx, cy = rng.uniform(r * 0.7, width - r * 0.7), rng.uniform(r * 0.7, height - r * 0.7)
             box = np.array([cx - r, cy - r, cx + r, cy + r])
-            if all(_iou(box, other) < 0.2 for other in boxes):
+            if all(_overlap(box, other) < 0.25 for other in boxes):
                 break
         else:
             continue
@@ -87,11 +87,11 @@ def scene(rng, height: int, width: int, max_objects: int = 5):
     return image, objects
 
 
-def _iou(a, b) -> float:
+def _overlap(a, b) -> float:
+    """Intersection over the smaller box: small shapes may touch big ones, never hide in them."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
 def write_split(out: Path, split: str, count: int, size: tuple[int, int], rng, max_objects: int = 5) -> Path:
