@@ -13,8 +13,8 @@ from pathlib import Path
 from .cli import main as cli
 
 # The demo recipe (docs/training.md has the measurements behind it).
-TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "8", "--lr", "4e-4",
-         "--lr-backbone", "4e-4", "--warmup", "200", "--groups", "4", "--epochs", "100",
+TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "2e-4",
+         "--lr-backbone", "2e-4", "--warmup", "200", "--groups", "4", "--epochs", "100",
          "--eval-every", "2", "--save-every", "500"]
 
 
@@ -23,7 +23,7 @@ def run(out: Path, minutes: float) -> int:
     checkpoint = run_dir / "best.pth"
     steps = []
     if not (data / "annotations" / "instances_val.json").exists():
-        steps.append(["data", "synth", str(data), "--imgsz", "128"])
+        steps.append(["data", "synth", str(data), "--imgsz", "128", "--max-objects", "3"])
     if checkpoint.exists():
         print(f"reusing the finished demo checkpoint {checkpoint} (delete {run_dir} to train again)")
     else:
