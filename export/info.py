@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from runtime.errors import UserError
@@ -15,7 +16,9 @@ def checkpoint_info(path) -> dict:
     model, config = load_model(path)  # loads the weights too: info also proves the file is usable
     params = sum(p.numel() for p in model.parameters())
     model_config = model.config
-    preset = next((name for name, (cfg, _) in PRESETS.items() if cfg == model_config), "custom")
+    # a preset's architecture with any number of classes (fine-tuned or trained on other data)
+    preset = next((name for name, (cfg, _) in PRESETS.items()
+                   if replace(cfg, num_classes=model_config.num_classes) == model_config), "custom")
     return {"file": str(path), "kind": "checkpoint", "preset": preset, "parameters": params, **config}
 
 
