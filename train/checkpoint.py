@@ -24,7 +24,7 @@ from runtime.errors import UserError
 from runtime.io import atomic_path
 
 from . import hf
-from .config import DETRConfig, checkpoint_config
+from .config import OFFICIAL_IMGSZ, DETRConfig, checkpoint_config
 from .detr import DETR
 
 log = logging.getLogger("detr_edge")
@@ -96,7 +96,7 @@ def _read_hf_folder(path: Path) -> tuple[dict, dict]:
     return state_dict, hf_config
 
 
-def read_checkpoint(path, imgsz=(800, 1088)) -> tuple[dict, dict, dict]:
+def read_checkpoint(path, imgsz=OFFICIAL_IMGSZ) -> tuple[dict, dict, dict]:
     """-> (official-layout state_dict, config, the whole file's dict). `imgsz` is the input
     size recorded for files that carry none (official and Hugging Face ones)."""
     path = Path(path)
@@ -144,7 +144,7 @@ def _check_fit(path, expected: dict, found: dict) -> None:
 
 
 def load_model(path, num_classes: int | None = None, classes: list[str] | None = None,
-               imgsz=(800, 1088)) -> tuple[DETR, dict]:
+               imgsz=OFFICIAL_IMGSZ) -> tuple[DETR, dict]:
     """Build the model a checkpoint describes and load its weights (strict).
 
     With `num_classes` different from the checkpoint's (fine-tuning onto other

@@ -52,13 +52,15 @@ class DETRConfig:
 
 # name -> (architecture, default deployment input size H x W)
 _R50 = DETRConfig()
+# 800 x 1088 letterboxes a 4:3 photo to a shorter side of 800, the official evaluation size;
+# also the size recorded for official and Hugging Face files, which carry none.
+OFFICIAL_IMGSZ = (800, 1088)
 PRESETS: dict[str, tuple[DETRConfig, tuple[int, int]]] = {
-    # The paper's models. 800 x 1088 letterboxes a 4:3 photo to a shorter side of 800,
-    # the official evaluation size.
-    "detr_r50": (_R50, (800, 1088)),
-    "detr_r50_dc5": (replace(_R50, dilation=True), (800, 1088)),
-    "detr_r101": (replace(_R50, backbone="resnet101"), (800, 1088)),
-    "detr_r101_dc5": (replace(_R50, backbone="resnet101", dilation=True), (800, 1088)),
+    # The paper's models.
+    "detr_r50": (_R50, OFFICIAL_IMGSZ),
+    "detr_r50_dc5": (replace(_R50, dilation=True), OFFICIAL_IMGSZ),
+    "detr_r101": (replace(_R50, backbone="resnet101"), OFFICIAL_IMGSZ),
+    "detr_r101_dc5": (replace(_R50, backbone="resnet101", dilation=True), OFFICIAL_IMGSZ),
     # Edge: ResNet-18, half the transformer depth, a quarter of the feed-forward width.
     "detr_r18": (replace(_R50, backbone="resnet18", enc_layers=3, dec_layers=3, dim_feedforward=1024),
                  (640, 640)),
