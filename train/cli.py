@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 
+from .config import PRESETS  # torch-free: dataclasses and runtime only
+
 log = logging.getLogger("detr_edge")
 
 
 def register(sub) -> None:
     p = sub.add_parser("init", help="(train) write a checkpoint of a preset with fresh weights")
-    p.add_argument("preset", help="detr_r50, detr_r50_dc5, detr_r101, detr_r101_dc5, detr_r18")
+    p.add_argument("preset", help=", ".join(PRESETS))
     p.add_argument("out", help="checkpoint file to write (.pth)")
     p.add_argument("--num-classes", type=int, help="max category id + 1 (default: the preset's 91, COCO)")
     p.add_argument("--imgsz", help="deployment input size H x W or S (default: the preset's)")

@@ -17,7 +17,7 @@ from runtime.io import atomic_path, write_json
 CLASSES = ("square", "circle", "triangle", "star")
 
 
-def _polygon(kind: str, cx: float, cy: float, r: float, rng) -> np.ndarray:
+def _polygon(kind: str, cx: float, cy: float, r: float) -> np.ndarray:
     if kind == "triangle":
         angles = np.deg2rad([-90, 30, 150])
         radii = np.full(3, r)
@@ -30,13 +30,13 @@ def _polygon(kind: str, cx: float, cy: float, r: float, rng) -> np.ndarray:
     return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
 
 
-def draw_shape(image: np.ndarray, kind: str, cx: float, cy: float, r: float, color, rng) -> list[float]:
+def draw_shape(image: np.ndarray, kind: str, cx: float, cy: float, r: float, color) -> list[float]:
     """Draw one filled shape; return its exact box [x, y, w, h] clipped to the image."""
     if kind == "circle":
         cv2.circle(image, (round(cx), round(cy)), round(r), color, cv2.FILLED, cv2.LINE_AA)
         x1, y1, x2, y2 = cx - round(r), cy - round(r), cx + round(r), cy + round(r)
     else:
-        points = _polygon(kind, cx, cy, r, rng)
+        points = _polygon(kind, cx, cy, r)
         cv2.fillPoly(image, [np.round(points).astype(np.int32)], color, cv2.LINE_AA)
         (x1, y1), (x2, y2) = points.min(0), points.max(0)
     height, width = image.shape[:2]
@@ -81,7 +81,7 @@ def scene(rng, height: int, width: int, max_objects: int = 5):
         else:
             continue
         kind = int(rng.integers(len(CLASSES)))
-        bbox = draw_shape(image, CLASSES[kind], cx, cy, r, _distinct_color(rng, image, cx, cy), rng)
+        bbox = draw_shape(image, CLASSES[kind], cx, cy, r, _distinct_color(rng, image, cx, cy))
         boxes.append(box)
         objects.append((kind, bbox))
     return image, objects
@@ -137,7 +137,7 @@ def write_video(path: Path, frames: int, size: tuple[int, int], rng, fps: int = 
                     if not m["r"] <= m["pos"][axis] <= limit - m["r"]:
                         m["vel"][axis] *= -1
                         m["pos"][axis] = np.clip(m["pos"][axis], m["r"], limit - m["r"])
-                draw_shape(frame, m["kind"], *m["pos"], m["r"], m["color"], rng)
+                draw_shape(frame, m["kind"], *m["pos"], m["r"], m["color"])
             writer.write(frame)
         writer.release()
     return path
