@@ -16,6 +16,41 @@ _EXTRAS = {"torch": "train", "torchvision": "train", "scipy": "train", "pycocoto
 
 
 def _register(sub) -> None:
+    from .onnx_export import TARGETS
+    p = sub.add_parser("export", help="(export) checkpoint -> ONNX (FP32, and FP16 with LayerNorm/Softmax kept FP32)")
+    p.add_argument("checkpoint", help="ours, the official release's, or a Hugging Face DETR folder")
+    p.add_argument("--out", help="ONNX file to write (default: beside the checkpoint, <name>.onnx; "
+                                 "FP16 as <name>.fp16.onnx)")
+    p.add_argument("--imgsz", help="input size H x W or S, multiples of 32 (default: the checkpoint's)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, help="fixed batch size (default 1)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="batch dimension left free")
+    p.add_argument("--target", choices=list(TARGETS), default="ort",
+                   help="the consumer; picks the opset: 16 for trt8.5 (LayerNorm decomposed), 17 otherwise")
+    p.add_argument("--opset", type=int, help="override the target's opset (checked against what it parses)")
+    p.add_argument("--postprocess", action="store_true",
+                   help="add in-graph postprocessing: outputs scores, labels, boxes_xyxy (input pixels), top-k")
+    p.add_argument("--max-det", type=int, default=100, help="K of the in-graph top-k (default 100, at most N)")
+    p.add_argument("--precision", default="fp32", help="comma list of fp32, fp16 (default fp32)")
+    p.add_argument("--keep-fp32-ops", help="FP16: op types kept FP32 (default LayerNormalization,Softmax)")
+    p.add_argument("--keep-fp32-names", help="FP16: node-name substrings kept FP32 "
+                                             "(default /norm,/backbone.1/,/detections/)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("check", help="(export) accuracy of ONNX files against the PyTorch checkpoint: "
+                                     "tensors, detections, COCO AP, pass/fail gate")
+    p.add_argument("checkpoint")
+    p.add_argument("--against", nargs="+", required=True, metavar="MODEL", help="ONNX files to check")
+    p.add_argument("--data", required=True, help="image folder, COCO layout root, or instances json")
+    p.add_argument("--split", default="val", help="split of a COCO layout root (default val)")
+    p.add_argument("--contiguous-ids", action="store_true", help="the checkpoint was trained with contiguous ids")
+    p.add_argument("--conf", type=float, default=0.5, help="score threshold of the detection level (default 0.5)")
+    p.add_argument("--iou", type=float, default=0.5, help="IoU for two detections to agree (default 0.5)")
+    p.add_argument("--limit", type=int, help="check only the first N images")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", default="check-out", help="folder for report.json, report.md, deltas.png")
+    p.set_defaults(func=_check)
+
     p = sub.add_parser("info", help="(export) architecture, classes, parameters and input size of a "
                                     "checkpoint or ONNX file")
     p.add_argument("file", help="checkpoint (.pth), Hugging Face DETR folder, or .onnx")
@@ -25,6 +60,64 @@ def _register(sub) -> None:
 def _info(args) -> None:
     from .info import format_info, info
     print(format_info(info(args.file)))
+
+
+def _split(text):
+    return tuple(part.strip() for part in text.split(",") if part.strip()) if text else None
+
+
+def _export(args) -> None:
+    from pathlib import Path
+
+    from runtime.metadata import parse_imgsz
+
+    from .fp16 import KEEP_FP32_NAMES, KEEP_FP32_OPS, convert_fp16
+    from .onnx_export import ExportOptions, export_onnx, resolve_opset
+
+    precisions = _split(args.precision)
+    unknown = set(precisions or ()) - {"fp32", "fp16"}
+    if not precisions or unknown:
+        raise UserError(f"--precision {args.precision!r}: a comma list of fp32, fp16 (int8: detr-edge calibrate)")
+    options = ExportOptions(imgsz=parse_imgsz(args.imgsz) if args.imgsz else None, batch=args.batch,
+                            dynamic_batch=args.dynamic_batch, target=args.target, opset=args.opset,
+                            postprocess=args.postprocess, max_det=args.max_det)
+    resolve_opset(options.target, options.opset)  # refuse before the slow part
+    if args.max_det < 1:
+        raise UserError(f"--max-det {args.max_det} must be >= 1")
+    from train.checkpoint import load_model
+    from train.config import OFFICIAL_IMGSZ
+
+    checkpoint = Path(args.checkpoint)
+    model, config = load_model(checkpoint, imgsz=options.imgsz or OFFICIAL_IMGSZ)
+    out = Path(args.out) if args.out else checkpoint.parent / f"{checkpoint.stem if checkpoint.is_file() else checkpoint.name}.onnx"
+    if out.suffix != ".onnx":
+        raise UserError(f"--out {out}: the file name must end in .onnx")
+    export_onnx(model.eval(), config, out, options, source=checkpoint.name)
+    if "fp16" in precisions:
+        fp16 = out.with_suffix(".fp16.onnx")
+        convert_fp16(out, fp16, _split(args.keep_fp32_ops) or KEEP_FP32_OPS,
+                     _split(args.keep_fp32_names) or KEEP_FP32_NAMES)
+        print(fp16)
+    if "fp32" in precisions:
+        print(out)
+    else:
+        out.unlink()
+
+
+def _check(args) -> None:
+    from .check import check, markdown
+
+    report = check(args.checkpoint, args.against, args.data, split=args.split, conf=args.conf, iou=args.iou,
+                   batch_size=args.batch_size, limit=args.limit, contiguous=args.contiguous_ids, out=args.out)
+    print(markdown(report))
+    print(f"report: {args.out}/report.md, report.json, deltas.png")
+    if not report["passed"]:
+        failed = [m["file"] for m in report["models"] if not m["gate"]["passed"]]
+        raise GateFailed(f"accuracy gate failed for {', '.join(failed)}")
+
+
+class GateFailed(Exception):
+    """A check that ran and failed: exit code 1 (bad input is 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +137,9 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"detr-edge: error: {exc}", file=sys.stderr)
         return 2
+    except GateFailed as exc:
+        print(f"detr-edge: {exc}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as exc:
         root = (exc.name or "").split(".")[0]
         if root not in _EXTRAS:

@@ -1,8 +1,9 @@
 """`make demo`: the tour a new user runs first, on embedded data (no download).
 
 Synthesize the shapes dataset, train the CPU preset on it for a bounded time (a finished
-demo checkpoint is reused), evaluate it with pycocotools, show what the checkpoint holds
-and run the PyTorch reference path on a validation image.
+demo checkpoint is reused), evaluate it with pycocotools, show what the checkpoint holds,
+run the PyTorch reference path on a validation image, export FP32 and FP16 ONNX and
+check both against PyTorch on the validation set.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "-
 def run(out: Path, minutes: float) -> int:
     data, run_dir = out / "data", out / "train"
     checkpoint = run_dir / "best.pth"
+    onnx = out / "model.onnx"
     steps = []
     if not (data / "annotations" / "instances_val.json").exists():
         steps.append(["data", "synth", str(data), "--imgsz", "128", "--max-objects", "3"])
@@ -31,14 +33,20 @@ def run(out: Path, minutes: float) -> int:
     val_image = data / "val" / "000000.jpg"
     steps += [["eval", str(checkpoint), "--data", str(data), "--out", str(out / "metrics.json")],
               ["info", str(checkpoint)],
-              ["predict", str(checkpoint), str(val_image), "--out", str(out / "predict"), "--conf", "0.5"]]
+              ["predict", str(checkpoint), str(val_image), "--out", str(out / "predict"), "--conf", "0.5"],
+              ["export", str(checkpoint), "--out", str(onnx), "--dynamic-batch", "--precision", "fp32,fp16"],
+              ["info", str(onnx.with_suffix(".fp16.onnx"))],
+              ["check", str(checkpoint), "--against", str(onnx), str(onnx.with_suffix(".fp16.onnx")),
+               "--data", str(data), "--out", str(out / "check")]]
     for step in steps:
         print(f"\n$ detr-edge {' '.join(step)}", flush=True)
         if cli(step):
             return 1
     print(f"\ndemo done:\n  data        {data}/ (COCO format; video {data / 'shapes.mp4'})"
           f"\n  checkpoint  {checkpoint} (training log {run_dir / 'metrics.csv'}, {run_dir / 'eval.csv'})"
-          f"\n  metrics     {out / 'metrics.json'}\n  predictions {out / 'predict'}/")
+          f"\n  metrics     {out / 'metrics.json'}\n  predictions {out / 'predict'}/"
+          f"\n  ONNX        {onnx}, {onnx.with_suffix('.fp16.onnx')}"
+          f"\n  check       {out / 'check' / 'report.md'}")
     return 0
 
 

@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.metadata import METADATA_KEY, loads
 
 
 def checkpoint_info(path) -> dict:
@@ -25,13 +24,12 @@ def checkpoint_info(path) -> dict:
 def onnx_info(path) -> dict:
     import onnx
 
+    from .onnx_export import read_metadata
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises protobuf DecodeError and others
         raise UserError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in props:
-        raise UserError(f"{path}: ONNX file without detr-edge metadata (not exported by detr-edge)")
+    meta = read_metadata(model, path)
 
     def shapes(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
@@ -39,7 +37,7 @@ def onnx_info(path) -> dict:
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
     return {"file": str(path), "kind": "onnx", "opset": opset, "parameters": params,
             "inputs": shapes(model.graph.input), "outputs": shapes(model.graph.output),
-            **loads(props[METADATA_KEY], str(path))}
+            **meta}
 
 
 def info(path) -> dict:
@@ -63,5 +61,8 @@ def format_info(data: dict) -> str:
              + (", ..." if len(named) > 8 else ""),
              f"  input size: {data['preprocess']['imgsz'][0]} x {data['preprocess']['imgsz'][1]} (H x W, letterboxed)"]
     if data["kind"] == "onnx":
-        lines.append(f"  opset {data['opset']}; inputs {data['inputs']}; outputs {data['outputs']}")
+        export = data.get("export", {})
+        lines.append(f"  {export.get('precision', 'fp32')}, batch {export.get('batch', '?')}, outputs "
+                     f"{export.get('outputs', 'raw')}, target {export.get('target', '?')}, opset {data['opset']}")
+        lines.append(f"  inputs {data['inputs']}; outputs {data['outputs']}")
     return "\n".join(lines)

@@ -43,6 +43,25 @@ def postprocess(logits: np.ndarray, boxes: np.ndarray, sizes: np.ndarray,
     return results
 
 
+def postprocess_detections(scores: np.ndarray, labels: np.ndarray, boxes: np.ndarray, sizes: np.ndarray,
+                           mask: np.ndarray, conf: float = 0.0, topk: int | None = None) -> list[dict]:
+    """The outputs of a graph exported with in-graph postprocessing (scores [B,K] sorted,
+    labels [B,K], xyxy boxes [B,K,4] in input pixels) -> the same per-image dicts as
+    `postprocess`: boxes mapped from the unpadded input region (read from the padding
+    mask [B,H,W]) onto the frame, clipped to it."""
+    results = []
+    for b in range(scores.shape[0]):
+        height, width = (float(v) for v in sizes[b])
+        valid_h, valid_w = float((~mask[b, :, 0]).sum()), float((~mask[b, 0, :]).sum())
+        frame = np.array([width, height, width, height], np.float32)
+        factor = frame / np.array([valid_w, valid_h, valid_w, valid_h], np.float32)
+        pixel = np.clip(boxes[b].astype(np.float32) * factor, 0.0, frame)
+        keep = np.flatnonzero(scores[b] >= conf)[:topk]
+        results.append({"scores": scores[b][keep].astype(np.float32), "labels": labels[b][keep].astype(np.int64),
+                        "boxes": pixel[keep]})
+    return results
+
+
 def detections_to_json(detections: dict, classes: list[str]) -> list[dict]:
     """Per-detection JSON records (label id, class name, score, xyxy box in pixels)."""
     return [{"label": int(label), "name": classes[label] if 0 <= label < len(classes) else str(label),

@@ -8,6 +8,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 COCO_TINY = SHARED_DATA / "coco-tiny"
 sys.path.insert(0, str(ROOT))
 
+# prelude of subprocess scripts that prove the runtime needs no torch: importing it fails
+NO_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
 
 @pytest.fixture(scope="session")
 def coco_photos():

@@ -15,15 +15,10 @@ from runtime.postprocess import postprocess
 from runtime.preprocess import preprocess
 from train.detr import postprocess as torch_postprocess
 
-from conftest import COCO_TINY, ROOT
+from conftest import COCO_TINY, NO_TORCH, ROOT
 
-BLOCK_TORCH = """
-import importlib, pkgutil, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+BLOCK_TORCH = NO_TORCH + """
+import importlib, pkgutil
 import runtime
 names = [m.name for m in pkgutil.walk_packages(runtime.__path__, 'runtime.')]
 for name in names:

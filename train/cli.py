@@ -125,19 +125,15 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from pathlib import Path
-
     from runtime.io import write_json
     from runtime.metadata import parse_imgsz
 
     from .checkpoint import load_model
-    from .data import CocoDetection, Transform, find_split
+    from .data import CocoDetection, Transform, resolve_coco
     from .evaluate import evaluate
 
     model, config = load_model(args.checkpoint)
-    data = Path(args.data)
-    images, ann = (data.parent / data.stem.removeprefix("instances_"), data) if data.suffix == ".json" \
-        else find_split(data, args.split)
+    images, ann = resolve_coco(args.data, args.split)
     imgsz = parse_imgsz(args.imgsz) if args.imgsz else tuple(config["preprocess"]["imgsz"])
     dataset = CocoDetection(images, ann, Transform("edge", imgsz, train=False), contiguous=args.contiguous_ids)
     metrics = evaluate(model.to(args.device), dataset, args.batch_size, args.device)

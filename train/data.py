@@ -199,6 +199,15 @@ def collate(batch):
     return out, out_mask, list(targets)
 
 
+def resolve_coco(data: str | Path, split: str = "val") -> tuple[Path, Path]:
+    """A COCO layout root (see `find_split`) or an instances json beside its image folder
+    (instances_val2017.json + val2017/) -> (image folder, annotation file)."""
+    data = Path(data)
+    if data.suffix == ".json":
+        return data.parent / data.stem.removeprefix("instances_"), data
+    return find_split(data, split)
+
+
 def find_split(root: str | Path, split: str) -> tuple[Path, Path]:
     """COCO layout: ROOT/annotations/instances_<split>*.json and ROOT/<split>*/ images
     (e.g. instances_val2017.json + val2017/)."""

@@ -1,0 +1,77 @@
+"""Median latency of PyTorch eager (`torch.no_grad()`) versus onnxruntime FP32 (the
+runtime's backend, on the file `detr-edge export` writes) for one model, measured side by
+side in one run: iterations alternate between the two, so machine noise hits both alike.
+
+Default: detr_r50 (random weights: latency does not depend on them), 640x640, batch 1,
+2 threads, a real letterboxed photo when ../shared/data is present.
+
+    .venv/bin/python benchmarks/ort_vs_torch.py [--preset detr_r50] [--imgsz 640] [--iters 20] [--threads 2]
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
+from runtime.metadata import parse_imgsz, preprocess_spec  # noqa: E402
+from runtime.preprocess import preprocess  # noqa: E402
+from train.config import checkpoint_config, preset  # noqa: E402
+from train.detr import DETR  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="detr_r50")
+    parser.add_argument("--imgsz", default="640")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    imgsz = parse_imgsz(args.imgsz)
+    config, _ = preset(args.preset)
+    torch.manual_seed(0)
+    model = DETR(config).eval()
+    photos = sorted((ROOT.parent / "shared" / "data" / "coco-tiny" / "val2017").glob("*.jpg"))
+    frame = cv2.imread(str(photos[0])) if photos else np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)
+    batch = preprocess([frame], preprocess_spec(imgsz))
+    images, mask = torch.from_numpy(batch.images), torch.from_numpy(batch.mask)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, checkpoint_config(config, imgsz, None), path, ExportOptions(imgsz=imgsz))
+        backend = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"], threads=args.threads)
+        with torch.no_grad():
+            ref = model(images, mask)["pred_logits"].numpy()
+        error = float(np.abs(backend.infer(batch.images, batch.mask)[0] - ref).max())
+        times = {"pytorch": [], "onnxruntime": []}
+        for i in range(args.warmup + args.iters):
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(images, mask)
+            mid = time.perf_counter()
+            backend.infer(batch.images, batch.mask)
+            end = time.perf_counter()
+            if i >= args.warmup:
+                times["pytorch"].append(mid - start)
+                times["onnxruntime"].append(end - mid)
+    median = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    print(f"{args.preset} {imgsz[0]}x{imgsz[1]} batch 1, {args.threads} threads, {args.iters} alternating iterations "
+          f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}); max |logits diff| {error:.2e}")
+    for name, value in median.items():
+        spread = (min(times[name]) * 1000, max(times[name]) * 1000)
+        print(f"  {name:12s} median {value:7.1f} ms  (min {spread[0]:.1f}, max {spread[1]:.1f})")
+    print(f"  onnxruntime speed-up over PyTorch eager: {median['pytorch'] / median['onnxruntime']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

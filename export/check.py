@@ -1,0 +1,265 @@
+"""`detr-edge check`: does a deployable file still compute what the PyTorch checkpoint
+computes? Every model is fed the very same preprocessed batches as the PyTorch reference
+and compared at three levels:
+
+- tensors: max/mean absolute and max relative error of each raw output (relative error
+  is |a - b| / max(|b|, 1e-3), so near-zero values do not dominate);
+- detections: at a score threshold, each model's detections are matched one-to-one to
+  PyTorch's (same label, IoU >= --iou, Hungarian on IoU); agreement = matched / the larger
+  of the two counts, plus mean IoU, score deltas, missing and extra detections;
+- task: COCO AP/AP50 (pycocotools) of PyTorch and of each model over every query, when
+  the data has annotations.
+
+A gate per precision (TOLERANCES) turns that into pass/fail. Any object with the
+`runtime.backends.Backend` interface can be checked: engines plug in the same way.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import box_iou
+
+from runtime.backends import load_backend
+from runtime.errors import UserError
+from runtime.io import atomic_path, write_json
+from runtime.postprocess import postprocess
+from runtime.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+REL_FLOOR = 1e-3
+# Gate per precision. Tensor limits: max absolute error of the raw outputs; agreement: the
+# fraction of detections matched at the threshold; ap_drop: |AP delta| in points (0-100).
+TOLERANCES = {
+    "fp32": {"logits_max_abs": 1e-3, "boxes_max_abs": 1e-4, "agreement": 0.99, "ap_delta": 0.1},
+    "fp16": {"agreement": 0.97, "ap_delta": 0.5},
+    "int8": {"agreement": 0.90, "ap_delta": 1.0},
+}
+
+
+@dataclass
+class Images:
+    """What --data names: image paths, with pycocotools ground truth when annotated."""
+    paths: list[Path]
+    ids: list[int]
+    coco: object = None
+    label_to_cat: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, data, split: str = "val", contiguous: bool = False, limit: int | None = None) -> "Images":
+        data = Path(data)
+        if not data.exists():
+            raise UserError(f"{data}: no such file or folder")
+        paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if data.is_dir() else []
+        if paths:  # a plain image folder: tensors and detections, no AP
+            return cls(paths[:limit], list(range(len(paths[:limit]))))
+        from train.data import CocoDetection, resolve_coco  # a COCO layout root or instances json
+        dataset = CocoDetection(*resolve_coco(data, split), contiguous=contiguous)
+        ids = dataset.ids[:limit]
+        if not ids:
+            raise UserError(f"{data}: the annotation file lists no images")
+        if limit:  # evaluate on the checked images only
+            dataset.coco.imgs = {i: dataset.coco.imgs[i] for i in ids}
+        paths = [dataset.images / dataset.coco.imgs[i]["file_name"] for i in ids]
+        return cls(paths, ids, dataset.coco, dataset.label_to_cat)
+
+
+class Comparison:
+    """Running statistics of one model against the reference."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.tensors: dict[str, dict] = {}
+        self.matched = self.reference = self.candidate = 0
+        self.ious: list[float] = []
+        self.score_deltas: list[float] = []
+        self.results: list[dict] = []
+
+    def add_tensors(self, outputs, references) -> None:
+        for name, out, ref in zip(("logits", "boxes"), outputs, references):
+            diff = np.abs(out.astype(np.float64) - ref)
+            stats = self.tensors.setdefault(name, {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "max_rel": 0.0})
+            stats["max_abs"] = max(stats["max_abs"], float(diff.max()))
+            stats["max_rel"] = max(stats["max_rel"], float((diff / np.maximum(np.abs(ref), REL_FLOOR)).max()))
+            stats["sum_abs"] += float(diff.sum())
+            stats["count"] += diff.size
+
+    def add_detections(self, det: dict, ref: dict, iou_threshold: float) -> None:
+        self.reference += len(ref["scores"])
+        self.candidate += len(det["scores"])
+        if not len(det["scores"]) or not len(ref["scores"]):
+            return
+        iou = box_iou(torch.from_numpy(ref["boxes"]).double(), torch.from_numpy(det["boxes"]).double()).numpy()
+        iou[ref["labels"][:, None] != det["labels"][None, :]] = 0.0
+        rows, cols = linear_sum_assignment(-iou)
+        for r, c in zip(rows, cols):
+            if iou[r, c] >= iou_threshold:
+                self.matched += 1
+                self.ious.append(float(iou[r, c]))
+                self.score_deltas.append(float(det["scores"][c]) - float(ref["scores"][r]))
+
+    def summary(self) -> dict:
+        tensors = {name: {"max_abs": s["max_abs"], "mean_abs": s["sum_abs"] / max(s["count"], 1),
+                          "max_rel": s["max_rel"]} for name, s in self.tensors.items()}
+        larger = max(self.reference, self.candidate)
+        deltas = np.abs(self.score_deltas) if self.score_deltas else np.zeros(1)
+        return {"tensors": tensors, "detections": {
+            "reference": self.reference, "candidate": self.candidate, "matched": self.matched,
+            "missing": self.reference - self.matched, "extra": self.candidate - self.matched,
+            "agreement": self.matched / larger if larger else 1.0,
+            "mean_iou": float(np.mean(self.ious)) if self.ious else None,
+            "score_delta_mean_abs": float(deltas.mean()), "score_delta_max_abs": float(deltas.max())}}
+
+
+def gate(summary: dict, tolerances: dict) -> list[str]:
+    """The failed criteria of one model, as readable lines (empty = passed)."""
+    failures = []
+    for name in ("logits", "boxes"):
+        limit = tolerances.get(f"{name}_max_abs")
+        error = summary["tensors"].get(name, {}).get("max_abs")
+        if limit is not None and error is not None and error > limit:
+            failures.append(f"{name} max abs error {error:.3g} > {limit:g}")
+    agreement = summary["detections"]["agreement"]
+    if agreement < tolerances["agreement"]:
+        failures.append(f"detection agreement {agreement:.1%} < {tolerances['agreement']:.0%}")
+    delta = summary.get("coco", {}).get("AP_delta")
+    if delta is not None and abs(delta) > tolerances["ap_delta"]:
+        failures.append(f"|AP delta| {abs(delta):.2f} points > {tolerances['ap_delta']:g}")
+    return failures
+
+
+@torch.no_grad()
+def check(checkpoint, models: list, data, split: str = "val", conf: float = 0.5, iou: float = 0.5,
+          batch_size: int = 4, limit: int | None = None, contiguous: bool = False, out=None,
+          tolerances: dict | None = None, device: str = "cpu") -> dict:
+    """Compare each model file (or Backend) with the checkpoint; returns the report (written to `out`)."""
+    from train.checkpoint import load_model
+    from train.evaluate import coco_metrics, to_coco_results
+    from train.predict import read_image
+
+    model, _ = load_model(checkpoint)
+    model.eval().to(device)
+    backends = [load_backend(m) if isinstance(m, (str, Path)) else m for m in models]
+    images = Images.load(data, split, contiguous, limit)
+    comparisons = [Comparison(b) for b in backends]
+    reference_results: dict[tuple, list] = {}
+    specs = {tuple(b.imgsz): b.spec for b in backends}
+    try:
+        from tqdm import tqdm
+        progress = tqdm(total=len(images.paths), desc="check", unit="img", disable=None)
+    except ImportError:
+        progress = None
+    for start in range(0, len(images.paths), batch_size):
+        frames = [read_image(p) for p in images.paths[start:start + batch_size]]
+        ids = images.ids[start:start + batch_size]
+        for imgsz, spec in specs.items():
+            batch = preprocess(frames, spec)
+            out_t = model(torch.from_numpy(batch.images).to(device), torch.from_numpy(batch.mask).to(device))
+            ref_outputs = (out_t["pred_logits"].cpu().double().numpy(), out_t["pred_boxes"].cpu().double().numpy())
+            ref_all = postprocess(*ref_outputs, batch.sizes)
+            for image_id, det in zip(ids, ref_all):
+                reference_results.setdefault(imgsz, []).extend(
+                    to_coco_results(det, image_id, images.label_to_cat) if images.coco else [])
+            for comparison in comparisons:
+                if tuple(comparison.backend.imgsz) != imgsz:
+                    continue
+                outputs = comparison.backend.infer(batch.images, batch.mask)
+                if comparison.backend.raw:
+                    comparison.add_tensors(outputs, ref_outputs)
+                candidate_all = comparison.backend.to_detections(outputs, batch, conf=0.0)
+                for image_id, det, ref in zip(ids, candidate_all, ref_all):
+                    comparison.add_detections(_above(det, conf), _above(ref, conf), iou)
+                    if images.coco:
+                        comparison.results += to_coco_results(det, image_id, images.label_to_cat)
+        if progress is not None:
+            progress.update(len(frames))
+    if progress is not None:
+        progress.close()
+
+    report = {"checkpoint": str(checkpoint), "data": str(data), "images": len(images.paths), "conf": conf,
+              "iou": iou, "pytorch": {}, "models": []}
+    reference_coco = {}
+    if images.coco:
+        for imgsz, results in reference_results.items():
+            reference_coco[imgsz] = coco_metrics(images.coco, results)
+        report["pytorch"] = {f"{h}x{w}": {k: m[k] for k in ("AP", "AP50")} for (h, w), m in reference_coco.items()}
+    all_passed = True
+    for comparison in comparisons:
+        backend = comparison.backend
+        summary = {"file": backend.name, "backend": type(backend).__name__, "precision": backend.precision,
+                   "outputs": "raw" if backend.raw else "detections", "imgsz": list(backend.imgsz),
+                   **comparison.summary()}
+        if images.coco:
+            ref, got = reference_coco[tuple(backend.imgsz)], coco_metrics(images.coco, comparison.results)
+            summary["coco"] = {"AP": 100 * got["AP"], "AP50": 100 * got["AP50"],
+                               "AP_delta": 100 * (got["AP"] - ref["AP"]), "AP50_delta": 100 * (got["AP50"] - ref["AP50"])}
+        limits = (tolerances or TOLERANCES).get(backend.precision, TOLERANCES["fp32"])
+        failures = gate(summary, limits)
+        summary["gate"] = {"tolerances": limits, "passed": not failures, "failures": failures}
+        if comparison.reference == 0:
+            summary["gate"]["warning"] = (f"PyTorch made no detections at score >= {conf}: the detection "
+                                          "level proves nothing here")
+        all_passed &= not failures
+        report["models"].append(summary)
+    report["passed"] = all_passed
+    if out is not None:
+        write_report(report, {c.backend.name: (c.score_deltas, c.ious) for c in comparisons}, Path(out))
+    return report
+
+
+def _above(det: dict, conf: float) -> dict:
+    keep = det["scores"] >= conf
+    return {k: v[keep] for k, v in det.items()}
+
+
+def markdown(report: dict) -> str:
+    rows = ["| model | precision | logits max abs | boxes max abs | agreement | missing / extra | mean IoU "
+            "| max abs score delta | AP | AP delta | gate |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def num(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+    for m in report["models"]:
+        det, coco = m["detections"], m.get("coco", {})
+        rows.append(" | ".join([
+            f"| {m['file']}", m["precision"], num(m["tensors"].get("logits", {}).get("max_abs"), ".2e"),
+            num(m["tensors"].get("boxes", {}).get("max_abs"), ".2e"),
+            f"{det['agreement']:.1%} ({det['matched']}/{max(det['reference'], det['candidate'])})",
+            f"{det['missing']} / {det['extra']}", num(det["mean_iou"], ".4f"), num(det["score_delta_max_abs"], ".4f"),
+            num(coco.get("AP"), ".2f"), num(coco.get("AP_delta"), "+.2f"),
+            "pass |" if m["gate"]["passed"] else "**FAIL**: " + "; ".join(m["gate"]["failures"]) + " |"]))
+    pytorch = "; ".join(f"{size}: AP {100 * v['AP']:.2f}, AP50 {100 * v['AP50']:.2f}"
+                        for size, v in report["pytorch"].items()) or "no annotations"
+    return (f"Checked against `{report['checkpoint']}` on {report['images']} images of `{report['data']}` "
+            f"(detections at score >= {report['conf']}, matched at IoU >= {report['iou']}; PyTorch {pytorch}).\n\n"
+            + "\n".join(rows) + "\n")
+
+
+def write_report(report: dict, deltas: dict, out: Path) -> None:
+    """report.json, report.md and deltas.png: per model file, the score deltas and IoUs
+    of its matched detections (`deltas`: name -> (score deltas, IoUs))."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(markdown(report))
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notice
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (score_deltas, ious) in deltas.items():
+        left.hist(score_deltas, bins=40, histtype="step", label=name)
+        right.hist(ious, bins=40, histtype="step", label=name)
+    left.set(title="score delta of matched detections (model - PyTorch)", xlabel="delta", ylabel="detections")
+    right.set(title="IoU with the matched PyTorch detection", xlabel="IoU")
+    left.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(out / "deltas.png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,44 @@
+"""onnxruntime backend: TensorRT, CUDA, then CPU execution provider, whichever the
+installed onnxruntime has (or the ones asked for)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..metadata import METADATA_KEY, loads
+from .base import Backend
+
+PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class OnnxRuntimeBackend(Backend):
+    def __init__(self, path, providers: list[str] | None = None, threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(path)
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in PREFERRED if p in available]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise UserError(f"onnxruntime here has no {', '.join(missing)} (it has {', '.join(available)})")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only: no per-node provider-placement warnings
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise UserError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+        custom = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in custom:
+            raise UserError(f"{path}: ONNX file without detr-edge metadata (not exported by detr-edge)")
+        self.name = path.name
+        self.providers = self.session.get_providers()
+        self._set_meta(loads(custom[METADATA_KEY], str(path)), str(path))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _run(self, images: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(self.output_names, {"images": images, "mask": mask}))
