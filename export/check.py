@@ -39,7 +39,9 @@ REL_FLOOR = 1e-3
 TOLERANCES = {
     "fp32": {"logits_max_abs": 1e-3, "boxes_max_abs": 1e-4, "agreement": 0.99, "ap_delta": 0.1},
     "fp16": {"agreement": 0.97, "ap_delta": 0.5},
-    "int8": {"agreement": 0.90, "ap_delta": 1.0},
+    # INT8 moves scores by up to ~0.2 (measured on the demo model), so detections near the
+    # threshold flip either way: AP is INT8's main criterion, agreement a looser one
+    "int8": {"agreement": 0.80, "ap_delta": 1.0},
 }
 
 
@@ -211,6 +213,51 @@ def check(checkpoint, models: list, data, split: str = "val", conf: float = 0.5,
     if out is not None:
         write_report(report, {c.backend.name: (c.score_deltas, c.ious) for c in comparisons}, Path(out))
     return report
+
+
+def detections(backend, images: Images, batch_size: int = 8) -> list[dict]:
+    """Every query's detection (no threshold) of each image, through the runtime's path."""
+    from train.predict import read_image
+    out = []
+    for start in range(0, len(images.paths), batch_size):
+        frames = [read_image(p) for p in images.paths[start:start + batch_size]]
+        out += backend.detect(preprocess(frames, backend.spec), conf=0.0)
+    return out
+
+
+def coco_ap(backend, images: Images, batch_size: int = 8) -> float:
+    """COCO AP in points (0-100) of a backend on annotated images."""
+    from train.evaluate import coco_metrics, to_coco_results
+    results = [r for image_id, det in zip(images.ids, detections(backend, images, batch_size))
+               for r in to_coco_results(det, image_id, images.label_to_cat)]
+    return 100 * coco_metrics(images.coco, results)["AP"]
+
+
+def pseudo_labelled(reference, images: Images, conf: float = 0.5) -> Images:
+    """The same images with the reference's detections at `conf` as ground truth, for
+    unannotated data: AP then measures agreement with the reference (100 = identical)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    dets = detections(reference, images)
+    labels = sorted({int(label) for det in dets for label in det["labels"][det["scores"] >= conf]})
+    dataset = {"images": [], "annotations": [], "categories": [{"id": label + 1} for label in labels]}
+    for image_id, path, det in zip(images.ids, images.paths, dets):
+        dataset["images"].append({"id": image_id, "file_name": path.name})
+        for score, label, (x1, y1, x2, y2) in zip(det["scores"], det["labels"], det["boxes"].astype(float)):
+            if score >= conf:
+                dataset["annotations"].append({"id": len(dataset["annotations"]) + 1, "image_id": image_id,
+                                               "category_id": int(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                               "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    if not dataset["annotations"]:
+        raise UserError(f"the reference makes no detection at score >= {conf} on these images: "
+                        "nothing to measure the INT8 loss against (use annotated --val-data)")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return Images(images.paths, images.ids, coco, {label: label + 1 for label in labels})
 
 
 def _above(det: dict, conf: float) -> dict:

@@ -51,6 +51,24 @@ def _register(sub) -> None:
     p.add_argument("--out", default="check-out", help="folder for report.json, report.md, deltas.png")
     p.set_defaults(func=_check)
 
+    p = sub.add_parser("calibrate", help="(calibration) FP32 ONNX -> INT8 Q/DQ ONNX for TensorRT (*.int8.onnx) "
+                                         "and for CPUs (*.int8-cpu.onnx), TensorRT calibration cache, report")
+    p.add_argument("model", help="the FP32 .onnx written by detr-edge export")
+    p.add_argument("--data", required=True, help="calibration images: a folder, a COCO json, or a video file")
+    p.add_argument("--samples", type=int, default=256, help="frames to calibrate on (default 256)")
+    p.add_argument("--every", type=int, default=1, help="video: take every k-th frame (default 1)")
+    p.add_argument("--method", choices=["entropy", "percentile", "minmax"], default="entropy")
+    p.add_argument("--flavour", default="trt,cpu", help="comma list: trt (symmetric int8), cpu (uint8 activations)")
+    p.add_argument("--exclude", help="node-name substrings kept float (default /bbox_embed/: the box head)")
+    p.add_argument("--val-data", help="held-out images for the AP of FP32 vs INT8 (COCO json/root: real AP; "
+                                      "a folder: AP against the FP32 file's own detections)")
+    p.add_argument("--val-limit", type=int, help="use only the first N held-out images")
+    p.add_argument("--auto", action="store_true", help="sensitivity search: keep the most AP-costly node "
+                                                       "groups float until the AP drop is within --max-ap-drop")
+    p.add_argument("--max-ap-drop", type=float, default=1.0, help="AP points (default 1.0)")
+    p.add_argument("--trt-version", default="8.6.1", help="TensorRT version written in the calibration cache header")
+    p.set_defaults(func=_calibrate)
+
     p = sub.add_parser("info", help="(export) architecture, classes, parameters and input size of a "
                                     "checkpoint or ONNX file")
     p.add_argument("file", help="checkpoint (.pth), Hugging Face DETR folder, or .onnx")
@@ -102,6 +120,20 @@ def _export(args) -> None:
         print(out)
     else:
         out.unlink()
+
+
+def _calibrate(args) -> None:
+    from calibration.quantize import DEFAULT_EXCLUDE, QuantOptions
+
+    from .int8 import calibrate, markdown
+
+    flavours = _split(args.flavour)
+    if not flavours or set(flavours) - {"trt", "cpu"}:
+        raise UserError(f"--flavour {args.flavour!r}: a comma list of trt, cpu")
+    options = QuantOptions(method=args.method, exclude=_split(args.exclude) or DEFAULT_EXCLUDE)
+    report = calibrate(args.model, args.data, flavours, args.samples, args.every, options, args.val_data,
+                       args.auto, args.max_ap_drop, args.trt_version, args.val_limit)
+    print(markdown(report))
 
 
 def _check(args) -> None:

@@ -2,8 +2,9 @@
 
 Synthesize the shapes dataset, train the CPU preset on it for a bounded time (a finished
 demo checkpoint is reused), evaluate it with pycocotools, show what the checkpoint holds,
-run the PyTorch reference path on a validation image, export FP32 and FP16 ONNX and
-check both against PyTorch on the validation set.
+run the PyTorch reference path on a validation image, export FP32 and FP16 ONNX,
+calibrate INT8 (TensorRT and CPU flavours) on the training images, and check all four
+files against PyTorch on the validation set.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from .cli import main as cli
 TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "2e-4",
          "--lr-backbone", "2e-4", "--warmup", "200", "--groups", "4", "--epochs", "100",
          "--eval-every", "2", "--save-every", "500"]
+
+
+VARIANTS = (".onnx", ".fp16.onnx", ".int8.onnx", ".int8-cpu.onnx")
 
 
 def run(out: Path, minutes: float) -> int:
@@ -36,7 +40,9 @@ def run(out: Path, minutes: float) -> int:
               ["predict", str(checkpoint), str(val_image), "--out", str(out / "predict"), "--conf", "0.5"],
               ["export", str(checkpoint), "--out", str(onnx), "--dynamic-batch", "--precision", "fp32,fp16"],
               ["info", str(onnx.with_suffix(".fp16.onnx"))],
-              ["check", str(checkpoint), "--against", str(onnx), str(onnx.with_suffix(".fp16.onnx")),
+              ["calibrate", str(onnx), "--data", str(data / "train"), "--samples", "128",
+               "--val-data", str(data / "annotations" / "instances_val.json")],
+              ["check", str(checkpoint), "--against", *[str(onnx.with_suffix(s)) for s in VARIANTS],
                "--data", str(data), "--out", str(out / "check")]]
     for step in steps:
         print(f"\n$ detr-edge {' '.join(step)}", flush=True)
@@ -45,7 +51,8 @@ def run(out: Path, minutes: float) -> int:
     print(f"\ndemo done:\n  data        {data}/ (COCO format; video {data / 'shapes.mp4'})"
           f"\n  checkpoint  {checkpoint} (training log {run_dir / 'metrics.csv'}, {run_dir / 'eval.csv'})"
           f"\n  metrics     {out / 'metrics.json'}\n  predictions {out / 'predict'}/"
-          f"\n  ONNX        {onnx}, {onnx.with_suffix('.fp16.onnx')}"
+          f"\n  ONNX        {', '.join(str(onnx.with_suffix(s)) for s in VARIANTS)}"
+          f"\n  INT8 report {onnx.with_suffix('.int8.report.md')}"
           f"\n  check       {out / 'check' / 'report.md'}")
     return 0
 

@@ -31,12 +31,12 @@ def convert_fp16(src, dst, keep_ops=KEEP_FP32_OPS, keep_names=KEEP_FP32_NAMES) -
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from .onnx_export import read_metadata, set_metadata
+    from runtime.metadata import read_onnx_metadata, write_onnx_metadata
 
     # it logs every initializer shared by an FP32 and an FP16 node (e.g. equal zero biases) at INFO
     logging.getLogger("onnxruntime.transformers.float16").setLevel(logging.WARNING)
     graph = onnx.load(str(src))
-    meta = read_metadata(graph, src)
+    meta = read_onnx_metadata(graph, src)
     if meta.get("export", {}).get("precision") != "fp32":
         raise UserError(f"{src}: already {meta['export']['precision']}; convert the FP32 file")
     blocked = [node.name for node in graph.graph.node if any(part in node.name for part in keep_names)]
@@ -46,7 +46,7 @@ def convert_fp16(src, dst, keep_ops=KEEP_FP32_OPS, keep_names=KEEP_FP32_NAMES) -
     OnnxModel(graph).topological_sort()  # the converter appends the input casts after their consumers
     meta["export"].update(precision="fp16", kept_fp32={"ops": list(keep_ops), "names": list(keep_names),
                                                         "nodes": len(blocked)})
-    set_metadata(graph, meta)
+    write_onnx_metadata(graph, meta)
     onnx.checker.check_model(graph)
     with atomic_path(Path(dst)) as tmp:
         onnx.save(graph, str(tmp))

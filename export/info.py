@@ -24,12 +24,12 @@ def checkpoint_info(path) -> dict:
 def onnx_info(path) -> dict:
     import onnx
 
-    from .onnx_export import read_metadata
+    from runtime.metadata import read_onnx_metadata
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises protobuf DecodeError and others
         raise UserError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
-    meta = read_metadata(model, path)
+    meta = read_onnx_metadata(model, path)
 
     def shapes(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}

@@ -20,7 +20,7 @@ from torchvision.ops import box_convert
 
 from runtime.errors import UserError
 from runtime.io import atomic_path
-from runtime.metadata import METADATA_KEY, preprocess_spec
+from runtime.metadata import preprocess_spec, write_onnx_metadata
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def export_onnx(model, config: dict, out, options: ExportOptions, source: str = 
                   else [[num_queries, num_classes + 1], [num_queries, 4]])
         for value, dims in zip(graph.graph.output, shapes):
             _set_dims(value, ["batch" if options.dynamic_batch else options.batch, *dims])
-        set_metadata(graph, meta)
+        write_onnx_metadata(graph, meta)
         onnx.checker.check_model(graph, full_check=True)
         onnx.save(graph, str(tmp))
     log.info("wrote %s (opset %d, %s batch, %s outputs)", out, opset, meta["export"]["batch"],
@@ -165,21 +165,3 @@ def simplify(graph):
     """onnxslim: constant folding, dead-node removal, shape-op cleanup."""
     import onnxslim
     return onnxslim.slim(graph)
-
-
-def read_metadata(graph, path) -> dict:
-    """The detr-edge metadata of a loaded ONNX model; one clear error when it has none."""
-    from runtime.metadata import loads
-    props = {p.key: p.value for p in graph.metadata_props}
-    if METADATA_KEY not in props:
-        raise UserError(f"{path}: ONNX file without detr-edge metadata (not exported by detr-edge)")
-    return loads(props[METADATA_KEY], str(path))
-
-
-def set_metadata(graph, meta: dict) -> None:
-    import json
-    props = {p.key: p.value for p in graph.metadata_props}
-    props[METADATA_KEY] = json.dumps(meta)
-    del graph.metadata_props[:]
-    for key, value in props.items():
-        graph.metadata_props.add(key=key, value=value)

@@ -25,3 +25,14 @@ def atomic_path(path):
 def write_json(path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def coco_image_folder(annotations) -> Path:
+    """The image folder of a COCO instances json, by the COCO layout's naming:
+    instances_val2017.json -> val2017/ beside it or beside its annotations/ folder."""
+    annotations = Path(annotations)
+    name = annotations.stem.removeprefix("instances_")
+    for folder in (annotations.parent / name, annotations.parent.parent / name):
+        if folder.is_dir():
+            return folder
+    return annotations.parent / name

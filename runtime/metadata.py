@@ -56,3 +56,20 @@ def loads(text: str, source: str = "metadata") -> dict:
     except json.JSONDecodeError as exc:
         raise UserError(f"{source}: metadata is not valid JSON ({exc.msg})") from None
     return validate(meta, source)
+
+
+def read_onnx_metadata(model, source) -> dict:
+    """The metadata of a loaded ONNX ModelProto (no onnx import needed); one clear error without it."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise UserError(f"{source}: ONNX file without detr-edge metadata (not exported by detr-edge)")
+    return loads(props[METADATA_KEY], str(source))
+
+
+def write_onnx_metadata(model, meta: dict) -> None:
+    """Set (or replace) the metadata in a ModelProto's metadata_props, keeping other entries."""
+    props = {p.key: p.value for p in model.metadata_props}
+    props[METADATA_KEY] = json.dumps(meta)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)

@@ -19,30 +19,18 @@ from runtime.postprocess import postprocess
 from runtime.preprocess import preprocess
 from train.checkpoint import load_model, save_checkpoint
 from train.config import DETRConfig, checkpoint_config
-from train.detr import DETR
 
-from conftest import NO_TORCH, ROOT
+from conftest import NO_TORCH, ROOT, sharp_model
 
 IMGSZ = (320, 416)
 SMALL = DETRConfig(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
                    num_queries=12, num_classes=91, dropout=0.0)
 
 
-def small_model(seed=0):
-    """A random model whose class head is sharpened, so scores spread over 0..1 and a
-    good share of queries pass 0.5 (a fresh head scores every query near 1/K)."""
-    torch.manual_seed(seed)
-    model = DETR(SMALL).eval()
-    with torch.no_grad():
-        model.class_embed.weight.mul_(25.0)
-        model.class_embed.bias[-1] = -2.0
-    return model
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("export") / "small.pth"
-    save_checkpoint(path, small_model(), checkpoint_config(SMALL, IMGSZ, None))
+    save_checkpoint(path, sharp_model(SMALL), checkpoint_config(SMALL, IMGSZ, None))
     return path
 
 

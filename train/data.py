@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from runtime.errors import UserError
+from runtime.io import coco_image_folder
 from runtime.metadata import IMAGENET_MEAN, IMAGENET_STD, preprocess_spec
 from runtime.preprocess import preprocess
 
@@ -200,11 +201,11 @@ def collate(batch):
 
 
 def resolve_coco(data: str | Path, split: str = "val") -> tuple[Path, Path]:
-    """A COCO layout root (see `find_split`) or an instances json beside its image folder
-    (instances_val2017.json + val2017/) -> (image folder, annotation file)."""
+    """A COCO layout root (see `find_split`) or an instances json (its image folder named
+    like its suffix: instances_val2017.json -> val2017/) -> (image folder, annotation file)."""
     data = Path(data)
     if data.suffix == ".json":
-        return data.parent / data.stem.removeprefix("instances_"), data
+        return coco_image_folder(data), data
     return find_split(data, split)
 
 

@@ -1,0 +1,89 @@
+"""Median latency of onnxruntime FP32 versus the CPU-flavour INT8 file (uint8 activations,
+int8 per-channel weights) and the TensorRT-flavour INT8 file (symmetric int8, run here by
+onnxruntime as a stand-in), side by side in one run: iterations alternate between the
+files, so machine noise hits all alike.
+
+Models: a checkpoint (`--checkpoint`, e.g. the demo's best.pth) or a preset with random
+weights (`--preset`; latency does not depend on the weights). Calibration frames: coco-tiny
+photos from ../shared/data when present, else `--calib-data`.
+
+    .venv/bin/python benchmarks/int8_vs_fp32.py --preset detr_r50 --imgsz 640
+    .venv/bin/python benchmarks/int8_vs_fp32.py --checkpoint demo-out/train/best.pth --calib-data demo-out/data/train
+"""
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from calibration.data import Samples  # noqa: E402
+from calibration.quantize import QuantOptions, quantize  # noqa: E402
+from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
+from runtime.metadata import parse_imgsz  # noqa: E402
+from train.checkpoint import load_model  # noqa: E402
+from train.config import checkpoint_config, preset  # noqa: E402
+from train.detr import DETR  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="detr_r50")
+    source.add_argument("--checkpoint")
+    parser.add_argument("--imgsz", help="default: the checkpoint's, or 640 for a preset")
+    parser.add_argument("--calib-data", default=str(ROOT.parent / "shared" / "data" / "coco-tiny" / "val2017"))
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    if args.checkpoint:
+        model, config = load_model(args.checkpoint)
+        name = Path(args.checkpoint).name
+    else:
+        model_config, _ = preset(args.preset)
+        torch.manual_seed(0)
+        model, config, name = DETR(model_config), checkpoint_config(model_config, parse_imgsz(args.imgsz or "640"), None), args.preset
+    imgsz = parse_imgsz(args.imgsz) if args.imgsz else tuple(config["preprocess"]["imgsz"])
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        export_onnx(model.eval(), config, fp32, ExportOptions(imgsz=imgsz))
+        files = {"fp32": fp32}
+        cache = Path(tmp) / "ranges.json"
+        for flavour, suffix in (("cpu", ".int8-cpu.onnx"), ("trt", ".int8.onnx")):
+            files[f"int8 {flavour}"] = fp32.with_suffix(suffix)
+            reader = Samples(args.calib_data, {**config["preprocess"], "imgsz": list(imgsz)}, args.samples,
+                             progress=False)
+            quantize(fp32, files[f"int8 {flavour}"], flavour, QuantOptions(), cache, reader)
+        backends = {k: OnnxRuntimeBackend(p, providers=["CPUExecutionProvider"], threads=args.threads)
+                    for k, p in files.items()}
+        sizes = {k: p.stat().st_size / 2**20 for k, p in files.items()}
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((1, 3, *imgsz), dtype=np.float32)
+        mask = np.zeros((1, *imgsz), bool)
+        times = {k: [] for k in backends}
+        for i in range(args.warmup + args.iters):
+            for key, backend in backends.items():
+                start = time.perf_counter()
+                backend.infer(images, mask)
+                if i >= args.warmup:
+                    times[key].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    print(f"{name} {imgsz[0]}x{imgsz[1]} batch 1, {args.threads} threads, {args.iters} alternating iterations, "
+          f"onnxruntime CPU, {args.samples} calibration samples")
+    for key, value in median.items():
+        print(f"  {key:9s} median {value:8.1f} ms  (min {min(times[key]) * 1000:.1f}, max {max(times[key]) * 1000:.1f})"
+              f"  {sizes[key]:6.1f} MiB  speed-up over fp32 {median['fp32'] / value:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

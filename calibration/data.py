@@ -1,0 +1,108 @@
+"""Calibration samples: frames from an image folder, a COCO json (the images it lists) or a
+video file (every k-th frame), preprocessed by the runtime's own `preprocess`, so
+calibration sees exactly the tensors deployment feeds the engine, padding mask included."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from runtime.errors import UserError
+from runtime.io import coco_image_folder
+from runtime.preprocess import preprocess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
+def image_paths(source: Path) -> list[Path]:
+    """An image folder, or a COCO json (its images in the COCO layout's folder, else beside it)."""
+    if source.is_dir():
+        return sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        listed = [image["file_name"] for image in json.loads(source.read_text())["images"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{source}: not a COCO json with an 'images' list ({type(exc).__name__})") from None
+    folder = coco_image_folder(source)
+    return [(folder if folder.is_dir() else source.parent) / name for name in listed]
+
+
+def frames(source, samples: int, every: int = 1) -> Iterator[np.ndarray]:
+    """Up to `samples` BGR frames; unreadable images are skipped (and counted by the caller)."""
+    source = Path(source)
+    if not source.exists():
+        raise UserError(f"{source}: no such file or folder")
+    if source.suffix.lower() in VIDEO_SUFFIXES:
+        capture = cv2.VideoCapture(str(source))
+        index = count = 0
+        try:
+            while count < samples:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                if index % every == 0:
+                    count += 1
+                    yield frame
+                index += 1
+        finally:
+            capture.release()
+        return
+    count = 0
+    for path in image_paths(source):
+        if count >= samples:
+            break
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if frame is not None:
+            count += 1
+            yield frame
+
+
+class Samples:
+    """Preprocessed calibration batches for one model (its spec and batch size), also an
+    onnxruntime `CalibrationDataReader` (`get_next` -> feed dict, None at the end)."""
+
+    def __init__(self, source, spec: dict, samples: int = 256, every: int = 1, batch: int = 1,
+                 progress: bool = True):
+        if samples < 1 or every < 1 or batch < 1:
+            raise UserError("samples, every and batch must be >= 1")
+        self.source, self.spec, self.samples, self.every, self.batch = source, spec, samples, every, batch
+        self.progress = progress
+        self.count = 0
+        self._iterator = None
+
+    def batches(self) -> Iterator[dict]:
+        """{'images', 'mask'} of `batch` frames each (the last one topped up with repeats)."""
+        try:
+            from tqdm import tqdm
+        except ImportError:  # the runtime-only install has no tqdm
+            def tqdm(iterable, **_):
+                return iterable
+        pending = []
+        self.count = 0
+        for frame in tqdm(frames(self.source, self.samples, self.every), total=self.samples, desc="calibration",
+                          unit="img", disable=None if self.progress else True):
+            pending.append(frame)
+            self.count += 1
+            if len(pending) == self.batch:
+                yield self._feed(pending)
+                pending = []
+        if pending:
+            yield self._feed(pending + pending[:1] * (self.batch - len(pending)))
+        if self.count == 0:
+            raise UserError(f"{self.source}: no readable image or frame to calibrate with")
+
+    def _feed(self, frames_: list) -> dict:
+        batch = preprocess(frames_, self.spec)
+        return {"images": batch.images, "mask": batch.mask}
+
+    # onnxruntime.quantization.CalibrationDataReader protocol
+    def get_next(self):
+        if self._iterator is None:
+            self._iterator = self.batches()
+        return next(self._iterator, None)
+
+    def rewind(self) -> None:
+        self._iterator = None

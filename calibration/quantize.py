@@ -1,0 +1,104 @@
+"""Explicit INT8: Q/DQ ONNX files from one calibration run, by onnxruntime's quantization
+tools (`quantize_static`, QDQ format; its calibration cache lets both flavours share one
+pass over the data).
+
+- `trt`  -> `*.int8.onnx`: symmetric int8 activations and weights (zero points 0),
+  per-channel weight scales, biases left float: what TensorRT's parser accepts
+  (../shared/reference/tensorrt.md).
+- `cpu`  -> `*.int8-cpu.onnx`: uint8 activations, int8 per-channel weights: what
+  onnxruntime's CPU kernels run fast (symmetric int8 Q/DQ runs slower than FP32 there).
+
+Only Conv, MatMul and Gemm are quantized; LayerNorm, Softmax and the position embedding
+are never in that list, and nodes whose name contains one of `exclude` stay float (by
+default the box head: its output is a coordinate, where 1/255 of the range is visible).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import UserError
+from runtime.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+METHODS = ("entropy", "percentile", "minmax")
+OP_TYPES = ("Conv", "MatMul", "Gemm")
+DEFAULT_EXCLUDE = ("/bbox_embed/",)
+FLAVOURS = {"trt": ".int8.onnx", "cpu": ".int8-cpu.onnx"}
+
+
+@dataclass
+class QuantOptions:
+    method: str = "entropy"
+    op_types: tuple = OP_TYPES
+    exclude: tuple = DEFAULT_EXCLUDE     # node-name substrings kept float
+    exclude_nodes: list = field(default_factory=list)  # exact node names kept float (the search's choice)
+
+
+def excluded_nodes(graph, options: QuantOptions) -> list[str]:
+    return sorted({n.name for n in graph.graph.node
+                   if n.name in options.exclude_nodes or any(part in n.name for part in options.exclude)})
+
+
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+    if name not in METHODS:
+        raise UserError(f"unknown calibration method {name!r}: one of {', '.join(METHODS)}")
+    return {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+            "minmax": CalibrationMethod.MinMax}[name]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantizer prints calibration progress to stdout and advice on the root
+    logger at every call; keep the command's output to what it says itself."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) -> dict:
+    """Write the `flavour` INT8 file of FP32 `src` to `dst`. `cache` is the calibration-range
+    file (onnxruntime's JSON): computed from `reader` when absent, reused when present."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from runtime.metadata import read_onnx_metadata, write_onnx_metadata
+
+    graph = onnx.load(str(src))
+    meta = read_onnx_metadata(graph, src)
+    if meta.get("export", {}).get("precision", "fp32") != "fp32":
+        raise UserError(f"{src}: calibrate the FP32 file, not a {meta['export']['precision']} one")
+    if flavour not in FLAVOURS:
+        raise UserError(f"unknown flavour {flavour!r}: trt or cpu")
+    trt = flavour == "trt"
+    exclude = excluded_nodes(graph, options)
+    extra = {"ActivationSymmetric": trt, "WeightSymmetric": True, "QuantizeBias": not trt}
+    with atomic_path(Path(dst)) as tmp, _quiet():
+        try:
+            quantize_static(graph, str(tmp), reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(options.op_types), per_channel=True,
+                            activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                            calibrate_method=_method(options.method), extra_options=extra,
+                            calibration_cache_path=str(cache))
+        except UserError:
+            raise
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"{src}: quantization failed ({str(exc).splitlines()[0][:200]})") from None
+        quantized = onnx.load(str(tmp))
+        meta["export"].update(precision="int8", int8={"flavour": flavour, "method": options.method,
+                                                      "op_types": list(options.op_types),
+                                                      "excluded_nodes": exclude})
+        write_onnx_metadata(quantized, meta)
+        onnx.save(quantized, str(tmp))
+    return meta

@@ -1,0 +1,61 @@
+"""TensorRT's implicit-calibration cache, for users who build with `trtexec --int8
+--calib=FILE` on TensorRT 8.x/10.x (11 removed implicit calibration): written from the
+same calibration run as the Q/DQ files, so every path sees the same ranges.
+
+Format (text): a header `TRT-<version>-EntropyCalibration2`, then one line per tensor,
+`name: <scale as the 8 hex digits of a big-endian float32>`, scale = amax / 127.
+`<version>` is TensorRT's NV_TENSORRT_VERSION: major*1000 + minor*100 + patch up to 9.x
+(8.5.1 -> 8501, 8.6.1 -> 8601), major*10000 + minor*100 + patch from 10.0 on.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from runtime.errors import UserError
+from runtime.io import atomic_path
+
+CALIBRATOR = "EntropyCalibration2"
+
+
+def version_tag(version: str) -> str:
+    try:
+        major, minor, patch = (int(p) for p in (version.split(".") + ["0", "0"])[:3])
+    except ValueError:
+        raise UserError(f"TensorRT version {version!r} is not like 8.6.1") from None
+    if major >= 11:
+        raise UserError("TensorRT 11 removed implicit INT8 calibration: use the Q/DQ file (*.int8.onnx)")
+    return str(major * (10000 if major >= 10 else 1000) + minor * 100 + patch)
+
+
+def scales_from_ranges(ranges) -> dict[str, float]:
+    """onnxruntime's calibration ranges (TensorsData or {name: (low, high)}) -> symmetric scales."""
+    scales = {}
+    for name in ranges:
+        value = ranges[name]
+        low, high = value.range_value if hasattr(value, "range_value") else value
+        amax = max(abs(float(low)), abs(float(high)))
+        if amax > 0:
+            scales[name] = amax / 127.0
+    return scales
+
+
+def write_cache(path, scales: dict[str, float], trt_version: str = "8.6.1") -> None:
+    lines = [f"TRT-{version_tag(trt_version)}-{CALIBRATOR}"]
+    lines += [f"{name}: {struct.pack('>f', scale).hex()}" for name, scale in scales.items()]
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def read_cache(path) -> tuple[str, dict[str, float]]:
+    """-> (header, {tensor name: scale})."""
+    text = Path(path).read_text().splitlines()
+    if not text or not text[0].startswith("TRT-"):
+        raise UserError(f"{path}: not a TensorRT calibration cache (no TRT-... header)")
+    scales = {}
+    for line in text[1:]:
+        name, _, hex_scale = line.rpartition(": ")
+        if not name:
+            raise UserError(f"{path}: malformed line {line!r}")
+        scales[name] = struct.unpack(">f", bytes.fromhex(hex_scale))[0]
+    return text[0], scales

@@ -1,0 +1,95 @@
+"""`detr-edge calibrate`: one calibration pass over the data -> the TensorRT-flavour and
+CPU-flavour Q/DQ files, the TensorRT implicit-calibration cache, optionally the
+sensitivity search, and a report (JSON + Markdown) with file sizes, AP and latency of
+FP32 against INT8. The pieces live in calibration/; this wires them to the checker's AP."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from calibration.data import Samples
+from calibration.quantize import FLAVOURS, QuantOptions, quantize
+from calibration.search import latency_ms, search
+from calibration.trt_cache import scales_from_ranges, write_cache
+from runtime.backends import load_backend
+from runtime.errors import UserError
+from runtime.io import atomic_path, write_json
+
+from .check import Images, coco_ap, pseudo_labelled
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: int = 1,
+              options: QuantOptions | None = None, val_data=None, auto: bool = False, max_ap_drop: float = 1.0,
+              trt_version: str = "8.6.1", val_limit: int | None = None) -> dict:
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    model = Path(model)
+    options = options or QuantOptions()
+    fp32 = load_backend(model)
+    if fp32.precision != "fp32":
+        raise UserError(f"{model}: calibrate the FP32 file, not a {fp32.precision} one")
+    if auto and val_data is None:
+        raise UserError("--auto needs --val-data (held-out images to measure the AP on)")
+    stem = model.with_suffix("")
+    ranges, cache = stem.with_suffix(".calib.json"), stem.with_suffix(".calib.cache")
+    ranges.unlink(missing_ok=True)  # a fresh calibration each run: the ranges of these data
+    reader = Samples(data, fp32.spec, samples, every, batch=fp32.batch or 1)
+    report = {"model": str(model), "data": str(data), "method": options.method, "op_types": list(options.op_types),
+              "exclude": list(options.exclude), "files": {}, "ap": {}, "latency_ms": {"fp32": latency_ms(model)}}
+    evaluate = None
+    if val_data is not None:
+        images = Images.load(val_data, limit=val_limit)
+        if images.coco is None:
+            images = pseudo_labelled(fp32, images)
+            report["ap_reference"] = "the FP32 file's own detections at score >= 0.5 (unannotated --val-data)"
+        report["ap"]["fp32"] = coco_ap(fp32, images)
+
+        def evaluate(path):
+            return coco_ap(load_backend(path), images)
+    outs = {flavour: Path(f"{stem}{FLAVOURS[flavour]}") for flavour in flavours}
+    quantize(model, outs[flavours[0]], flavours[0], options, ranges, reader)  # the one pass over the data
+    report["samples"] = reader.count
+    for flavour, out in outs.items():
+        if auto:
+            result = search(model, out, flavour, options, ranges, evaluate, report["ap"]["fp32"], max_ap_drop)
+            report.setdefault("search", {})[flavour] = result
+        elif flavour != flavours[0]:
+            quantize(model, out, flavour, options, ranges)  # from the cached ranges
+        report["files"][flavour] = {"file": str(out), "MiB": round(out.stat().st_size / 2**20, 2),
+                                    "excluded_nodes": load_backend(out).meta["export"]["int8"]["excluded_nodes"]}
+        report["latency_ms"][f"int8 {flavour}"] = latency_ms(out)
+        if evaluate is not None:
+            report["ap"][f"int8 {flavour}"] = evaluate(out)
+    report["files"]["fp32"] = {"file": str(model), "MiB": round(model.stat().st_size / 2**20, 2)}
+    write_cache(cache, scales_from_ranges(load_tensors_data(ranges).data), trt_version)
+    report["trt_cache"] = {"file": str(cache), "trt_version": trt_version}
+    write_json(stem.with_suffix(".int8.report.json"), report)
+    with atomic_path(stem.with_suffix(".int8.report.md")) as tmp:
+        tmp.write_text(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    rows = [f"INT8 calibration of `{report['model']}`: method {report['method']}, {report['samples']} samples "
+            f"from `{report['data']}`, quantized op types {', '.join(report['op_types'])}.", "",
+            "| file | size (MiB) | nodes kept float | AP | AP delta | latency (ms, this CPU) | speed-up |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    base_ap, base_ms = report["ap"].get("fp32"), report["latency_ms"]["fp32"]
+    for key in ["fp32", *(f"int8 {f}" for f in report["files"] if f != "fp32")]:
+        entry = report["files"][key.split()[-1]]
+        ap = report["ap"].get(key)
+        ms = report["latency_ms"][key]
+        rows.append(f"| {Path(entry['file']).name} | {entry['MiB']} | {len(entry.get('excluded_nodes', []))} | "
+                    f"{'n/a' if ap is None else f'{ap:.2f}'} | "
+                    f"{'n/a' if ap is None or key == 'fp32' else f'{ap - base_ap:+.2f}'} | {ms:.1f} | "
+                    f"{base_ms / ms:.2f}x |")
+    for flavour, result in report.get("search", {}).items():
+        rows += ["", f"Sensitivity search ({flavour}): target AP drop <= {result['max_drop']}; "
+                 f"{'within' if result['within_target'] else 'NOT within'} target; kept float: "
+                 f"{', '.join(result['kept_float_groups']) or 'nothing'}.", "",
+                 "| kept float | AP | AP drop | latency (ms) |", "| --- | --- | --- | --- |"]
+        rows += [f"| {', '.join(s['kept_float']) or 'nothing'} | {s['AP']:.2f} | {s['AP_drop']:+.2f} | "
+                 f"{s['latency_ms']:.1f} |" for s in result["steps"]]
+    return "\n".join(rows) + "\n"
