@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo-out
 DEMO_MINUTES ?= 10
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-gpu venv clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the GPU suite (tests/gpu): needs an NVIDIA GPU. The tensorrt extra brings TensorRT and
+# pycuda (built from source against CUDA); where pycuda cannot build, cuda-python instead.
+test-gpu: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[tensorrt]" || \
+	    $(PY) -m pip install --quiet tensorrt cuda-python
+	$(PY) -m pytest -q -rs -m gpu tests/gpu
 
 demo: $(STAMP)
 	$(PY) -m export.demo --out $(DEMO) --minutes $(DEMO_MINUTES)

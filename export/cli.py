@@ -40,7 +40,8 @@ def _register(sub) -> None:
     p = sub.add_parser("check", help="(export) accuracy of ONNX files against the PyTorch checkpoint: "
                                      "tensors, detections, COCO AP, pass/fail gate")
     p.add_argument("checkpoint")
-    p.add_argument("--against", nargs="+", required=True, metavar="MODEL", help="ONNX files to check")
+    p.add_argument("--against", nargs="+", required=True, metavar="MODEL",
+                   help="ONNX files and TensorRT engines (.engine, with their .engine.json) to check")
     p.add_argument("--data", required=True, help="image folder, COCO layout root, or instances json")
     p.add_argument("--split", default="val", help="split of a COCO layout root (default val)")
     p.add_argument("--contiguous-ids", action="store_true", help="the checkpoint was trained with contiguous ids")
@@ -68,6 +69,22 @@ def _register(sub) -> None:
     p.add_argument("--max-ap-drop", type=float, default=1.0, help="AP points (default 1.0)")
     p.add_argument("--trt-version", default="8.6.1", help="TensorRT version written in the calibration cache header")
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("build", help="(export) ONNX (fp32/fp16/int8) -> TensorRT engine + sidecar .engine.json")
+    p.add_argument("model", help="model.onnx, model.fp16.onnx or model.int8.onnx")
+    p.add_argument("--out", help="engine file (default: beside the ONNX, .engine)")
+    p.add_argument("--workspace", type=float, default=4.0, help="GiB of builder workspace (default 4)")
+    p.add_argument("--batch", help="min,opt,max batch of a dynamic-batch file's optimization profile (e.g. 1,4,8)")
+    p.add_argument("--timing-cache", help="timing cache file: read if present, written after the build")
+    p.add_argument("--dla", type=int, help="DLA core (Jetson Orin; FP16/INT8 files only)")
+    p.add_argument("--gpu-fallback", action="store_true", help="with --dla: layers DLA cannot run go to the GPU")
+    p.add_argument("--opt-level", type=int, choices=range(6), help="builder optimization level 0-5")
+    p.add_argument("--weakly-typed", action="store_true",
+                   help="TensorRT 10: weakly typed network with FP16/INT8 builder flags instead of STRONGLY_TYPED")
+    p.add_argument("--legacy-int8-calibrator", action="store_true",
+                   help="TensorRT 8.x/10.x: INT8 by implicit calibration of the FP32 file (needs --calib-data)")
+    p.add_argument("--calib-data", help="images/COCO json/video for --legacy-int8-calibrator")
+    p.set_defaults(func=_build)
 
     p = sub.add_parser("info", help="(export) architecture, classes, parameters and input size of a "
                                     "checkpoint or ONNX file")
@@ -134,6 +151,27 @@ def _calibrate(args) -> None:
     report = calibrate(args.model, args.data, flavours, args.samples, args.every, options, args.val_data,
                        args.auto, args.max_ap_drop, args.trt_version, args.val_limit)
     print(markdown(report))
+
+
+def _build(args) -> None:
+    from .trt_build import BuildOptions, build
+
+    batch = None
+    if args.batch:
+        try:
+            batch = tuple(int(v) for v in args.batch.split(","))
+        except ValueError:
+            batch = ()
+        if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
+            raise UserError(f"--batch {args.batch!r}: min,opt,max with 1 <= min <= opt <= max")
+    if args.gpu_fallback and args.dla is None:
+        raise UserError("--gpu-fallback goes with --dla")
+    options = BuildOptions(workspace_gib=args.workspace, batch=batch, timing_cache=args.timing_cache, dla=args.dla,
+                           gpu_fallback=args.gpu_fallback, opt_level=args.opt_level, weakly_typed=args.weakly_typed,
+                           legacy_int8=args.legacy_int8_calibrator, calib_data=args.calib_data)
+    sidecar = build(args.model, args.out, options)
+    print(f"{sidecar['engine']['precision']} engine for {sidecar['engine']['gpu']}, "
+          f"TensorRT {sidecar['engine']['tensorrt_version']}")
 
 
 def _check(args) -> None:

@@ -50,3 +50,27 @@ def sharp_model(config, seed: int = 0):
         model.class_embed.weight.mul_(25.0)
         model.class_embed.bias[-1] = -2.0
     return model
+
+
+# The GPU suite (tests/gpu): marked `gpu` and skipped, with the reason, where there is no
+# TensorRT or no CUDA device. `make test-gpu` installs the tensorrt extra and runs it.
+def _gpu_unavailable() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed (pip install 'detr-edge[tensorrt]'; Jetson: python3-libnvinfer)"
+    try:
+        from runtime.cuda import memory
+        memory().device_info()
+    except Exception as exc:  # no driver, no device, no CUDA Python binding
+        return f"no usable CUDA device ({str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _gpu_unavailable()
+    for item in items:
+        if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.gpu)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))

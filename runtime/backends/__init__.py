@@ -12,20 +12,26 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Backend
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
+ENGINE_SUFFIXES = (".engine", ".plan")
 
 
 def load_backend(path, backend: str = "auto", **options) -> Backend:
+    """`auto`: TensorRT for .engine/.plan files, onnxruntime for .onnx (its TensorRT or CUDA
+    execution provider when that onnxruntime has one, else the CPU)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if backend == "auto":
-        if path.suffix != ".onnx":
-            raise UserError(f"{path}: unknown model type {path.suffix!r} (expected .onnx)")
-        backend = "onnxruntime"
+        if path.suffix not in (".onnx", *ENGINE_SUFFIXES):
+            raise UserError(f"{path}: unknown model type {path.suffix!r} (expected .onnx or .engine)")
+        backend = "tensorrt" if path.suffix in ENGINE_SUFFIXES else "onnxruntime"
     if backend == "onnxruntime":
         from .ort import OnnxRuntimeBackend
         return OnnxRuntimeBackend(path, **options)
+    if backend == "tensorrt":
+        from .trt import TensorRTBackend
+        return TensorRTBackend(path, **options)
     raise UserError(f"unknown backend {backend!r}: auto or one of {', '.join(BACKENDS)}")
 
 
