@@ -16,7 +16,7 @@ _EXTRAS = {"torch": "train", "torchvision": "train", "scipy": "train", "pycocoto
 
 
 def _register(sub) -> None:
-    from .onnx_export import TARGETS
+    from runtime.trt_versions import TARGETS
     p = sub.add_parser("export", help="(export) checkpoint -> ONNX (FP32, and FP16 with LayerNorm/Softmax kept FP32)")
     p.add_argument("checkpoint", help="ours, the official release's, or a Hugging Face DETR folder")
     p.add_argument("--out", help="ONNX file to write (default: beside the checkpoint, <name>.onnx; "
@@ -85,6 +85,27 @@ def _register(sub) -> None:
                    help="TensorRT 8.x/10.x: INT8 by implicit calibration of the FP32 file (needs --calib-data)")
     p.add_argument("--calib-data", help="images/COCO json/video for --legacy-int8-calibrator")
     p.set_defaults(func=_build)
+
+    p = sub.add_parser("run", help="(runtime) real-time detection on a video, camera, stream or image folder")
+    p.add_argument("model", help=".onnx or .engine (its metadata gives input size, classes, preprocessing)")
+    p.add_argument("source", help="video file, camera index (0), rtsp:// or http:// URL, GStreamer pipeline, folder")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    p.add_argument("--conf", type=float, default=0.5, help="score threshold (default 0.5)")
+    p.add_argument("--classes", help="keep only these classes (names or ids, comma list)")
+    p.add_argument("--show", action="store_true", help="show frames in a window (q or Esc quits)")
+    p.add_argument("--save", help="annotated video file (.mp4)")
+    p.add_argument("--jsonl", help="detections per frame as JSON lines")
+    p.add_argument("--max-frames", type=int, help="stop after N frames")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("bench", help="(runtime) latency and throughput of a model alone, and of the full "
+                                     "pipeline over a source, in one run")
+    p.add_argument("model")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--source", help="also run the whole pipeline over this source")
+    p.add_argument("--max-frames", type=int, help="pipeline: at most N frames")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("info", help="(export) architecture, classes, parameters and input size of a "
                                     "checkpoint or ONNX file")
@@ -172,6 +193,21 @@ def _build(args) -> None:
     sidecar = build(args.model, args.out, options)
     print(f"{sidecar['engine']['precision']} engine for {sidecar['engine']['gpu']}, "
           f"TensorRT {sidecar['engine']['tensorrt_version']}")
+
+
+def _run(args) -> None:
+    from runtime.run import run
+    stats = run(args.model, args.source, args.backend, args.conf, args.classes, args.show, args.save, args.jsonl,
+                args.max_frames)
+    print(stats.format())
+    for path in (args.save, args.jsonl):
+        if path:
+            print(f"wrote {path}")
+
+
+def _bench(args) -> None:
+    from runtime.run import bench, format_bench
+    print(format_bench(bench(args.model, args.backend, args.iters, args.source, args.max_frames)))
 
 
 def _check(args) -> None:

@@ -3,8 +3,9 @@
 Synthesize the shapes dataset, train the CPU preset on it for a bounded time (a finished
 demo checkpoint is reused), evaluate it with pycocotools, show what the checkpoint holds,
 run the PyTorch reference path on a validation image, export FP32 and FP16 ONNX,
-calibrate INT8 (TensorRT and CPU flavours) on the training images, and check all four
-files against PyTorch on the validation set.
+calibrate INT8 (TensorRT and CPU flavours) on the training images, check all four
+files against PyTorch on the validation set, and stream the synthetic video (and the real
+one from ../shared/data when present) through the FP32 file.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "-
          "--eval-every", "2", "--save-every", "500"]
 
 
+REAL_VIDEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "video" / "one-by-one-person-detection.mp4"
 VARIANTS = (".onnx", ".fp16.onnx", ".int8.onnx", ".int8-cpu.onnx")
 
 
@@ -44,6 +46,9 @@ def run(out: Path, minutes: float) -> int:
                "--val-data", str(data / "annotations" / "instances_val.json")],
               ["check", str(checkpoint), "--against", *[str(onnx.with_suffix(s)) for s in VARIANTS],
                "--data", str(data), "--out", str(out / "check")]]
+    videos = [data / "shapes.mp4"] + ([REAL_VIDEO] if REAL_VIDEO.exists() else [])
+    steps += [["run", str(onnx), str(video), "--save", str(out / "stream" / f"{video.stem}.mp4"),
+               "--jsonl", str(out / "stream" / f"{video.stem}.jsonl")] for video in videos]
     for step in steps:
         print(f"\n$ detr-edge {' '.join(step)}", flush=True)
         if cli(step):
@@ -53,7 +58,8 @@ def run(out: Path, minutes: float) -> int:
           f"\n  metrics     {out / 'metrics.json'}\n  predictions {out / 'predict'}/"
           f"\n  ONNX        {', '.join(str(onnx.with_suffix(s)) for s in VARIANTS)}"
           f"\n  INT8 report {onnx.with_suffix('.int8.report.md')}"
-          f"\n  check       {out / 'check' / 'report.md'}")
+          f"\n  check       {out / 'check' / 'report.md'}"
+          f"\n  streaming   {out / 'stream'}/ (annotated mp4 and JSON lines per video)")
     return 0
 
 

@@ -21,17 +21,10 @@ from torchvision.ops import box_convert
 from runtime.errors import UserError
 from runtime.io import atomic_path
 from runtime.metadata import preprocess_spec, write_onnx_metadata
+from runtime.trt_versions import TARGETS
 
 log = logging.getLogger(__name__)
 
-# target -> (default opset, lowest, highest) the consumer parses (../shared/reference/tensorrt.md)
-TARGETS = {
-    "trt8.5": (16, 13, 16),   # parses <= 17 but not LayerNormalization: 16 decomposes it
-    "trt8.6": (17, 13, 17),
-    "trt10": (17, 13, 20),
-    "trt11": (17, 13, 20),    # TensorRT 11 parses up to 25; torch's exporter writes up to 20
-    "ort": (17, 13, 20),
-}
 
 
 class Raw(nn.Module):

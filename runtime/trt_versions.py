@@ -10,6 +10,16 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
+# export target -> (default opset, lowest, highest) the consumer parses (../shared/reference/tensorrt.md)
+TARGETS = {
+    "trt8.5": (16, 13, 16),   # parses <= 17 but not LayerNormalization: 16 decomposes it
+    "trt8.6": (17, 13, 17),
+    "trt10": (17, 13, 20),
+    "trt11": (17, 13, 20),    # TensorRT 11 parses up to 25; torch's exporter writes up to 20
+    "ort": (17, 13, 20),
+}
+
+
 def parse_version(text: str) -> tuple[int, int, int]:
     try:
         parts = [int(p) for p in str(text).split(".")[:3]]

@@ -1,2 +1,2 @@
-"""PyTorch stage: the DETR model, checkpoints (official / Hugging Face / ours), and
-(later) matcher, set loss, data and the training loop."""
+"""PyTorch stage: the DETR model, checkpoints (official / Hugging Face / ours), matcher,
+set loss, data, the training loop and COCO evaluation."""

@@ -39,6 +39,12 @@ class OnnxRuntimeBackend(Backend):
         self.providers = self.session.get_providers()
         self._set_meta(loads(custom[METADATA_KEY], str(path)), str(path))
         self.output_names = [o.name for o in self.session.get_outputs()]
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        if "images" not in inputs or "mask" not in inputs:
+            raise UserError(f"{path}: inputs {sorted(inputs)} are not detr-edge's images and mask")
+        if list(inputs["images"][2:]) != list(self.imgsz):
+            raise UserError(f"{path}: its input is {inputs['images'][2]} x {inputs['images'][3]} but its metadata "
+                            f"says {self.imgsz[0]} x {self.imgsz[1]}: re-export it")
 
     def _run(self, images: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(self.session.run(self.output_names, {"images": images, "mask": mask}))

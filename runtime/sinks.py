@@ -1,0 +1,97 @@
+"""Where results go: an annotated video file, JSON lines, a window. Files are written
+under a temporary name and renamed when closed, so an interrupted run never leaves a
+half-written artifact under the requested name."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import cv2
+
+from .draw import draw_detections
+from .errors import UserError
+from .postprocess import detections_to_json
+
+log = logging.getLogger(__name__)
+
+
+class _AtomicFile:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp{self.path.suffix}")
+
+    def finish(self, ok: bool) -> None:
+        if ok and self.tmp.exists():
+            os.replace(self.tmp, self.path)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+
+
+class VideoSink(_AtomicFile):
+    def __init__(self, path, fps: float):
+        super().__init__(path)
+        self.fps, self.writer = fps or 25.0, None
+
+    def write(self, image) -> None:
+        if self.writer is None:
+            height, width = image.shape[:2]
+            self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
+            if not self.writer.isOpened():
+                raise UserError(f"{self.path}: OpenCV cannot write this video (mp4v codec)")
+        self.writer.write(image)
+
+    def close(self, ok: bool = True) -> None:
+        if self.writer is not None:
+            self.writer.release()
+        self.finish(ok)
+
+
+class JsonlSink(_AtomicFile):
+    def __init__(self, path, classes: list[str]):
+        super().__init__(path)
+        self.classes, self.file = classes, open(self.tmp, "w")
+
+    def write(self, result) -> None:
+        record = {"frame": result.index, "timestamp": round(result.timestamp, 4),
+                  "detections": detections_to_json(result.detections, self.classes)}
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self, ok: bool = True) -> None:
+        self.file.close()
+        self.finish(ok)
+
+
+class WindowSink:
+    def __init__(self, title: str):
+        self.title = title
+        self.enabled = sys.platform in ("win32", "darwin") or bool(os.environ.get("DISPLAY") or
+                                                                   os.environ.get("WAYLAND_DISPLAY"))
+        if not self.enabled:
+            log.warning("--show: no display here (DISPLAY is not set); not showing frames")
+
+    def write(self, image) -> bool:
+        """False when the user closed the window or pressed q/Esc."""
+        if not self.enabled:
+            return True
+        try:
+            cv2.imshow(self.title, image)
+        except cv2.error:  # an OpenCV built without GUI support (opencv-python-headless)
+            log.warning("--show: this OpenCV has no GUI support; not showing frames")
+            self.enabled = False
+            return True
+        return cv2.waitKey(1) & 0xFF not in (ord("q"), 27)
+
+    def close(self, ok: bool = True) -> None:
+        if self.enabled:
+            cv2.destroyWindow(self.title)
+
+
+def annotate(result, classes: list[str], fps: float) -> "cv2.Mat":
+    image = draw_detections(result.frame, result.detections, classes)
+    cv2.putText(image, f"{fps:.1f} FPS", (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(image, f"{fps:.1f} FPS", (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    return image

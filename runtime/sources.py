@@ -1,0 +1,149 @@
+"""Frame sources through OpenCV: a video file, a camera index, an RTSP/HTTP URL, a
+GStreamer pipeline (Jetson CSI cameras), or an image folder.
+
+File sources (video files, folders) give every frame, in order. Live sources (cameras,
+streams, pipelines) are marked `live`: the pipeline keeps only the newest frame. A live
+source that stops delivering is reopened with back-off for a bounded time, then ends."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+# a working Jetson CSI camera pipeline (JetPack's OpenCV has GStreamer; PyPI's has not)
+CSI_PIPELINE = ("nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM), width=1280, height=720, framerate=30/1 "
+                "! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR ! appsink drop=1")
+
+
+class Source:
+    """`read() -> (BGR frame, timestamp in seconds) or None at the end`."""
+    live = False
+    fps = 0.0
+    name = ""
+
+    def read(self):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class VideoSource(Source):
+    def __init__(self, target, live: bool, api=cv2.CAP_ANY, reconnect_s: float = 30.0):
+        self.target, self.live, self.api, self.reconnect_s = target, live, api, reconnect_s
+        self.name = str(target)
+        self.capture = self._open()
+        if not self.capture.isOpened():
+            raise UserError(f"{self.name}: cannot open it as a video source" +
+                            (" (no camera with this index?)" if isinstance(target, int) else ""))
+        self.fps = self.capture.get(cv2.CAP_PROP_FPS) or 0.0
+        self.index = 0
+        if not live:  # a file that opens but holds no decodable frame is not a video
+            ok, self._first = self.capture.read()
+            if not ok:
+                self.capture.release()
+                raise UserError(f"{self.name}: not a readable video (no frame could be decoded)")
+
+    def _open(self):
+        return cv2.VideoCapture(self.target, self.api)
+
+    def read(self):
+        if not self.live:
+            frame, self._first = (self._first, None) if self._first is not None else (self.capture.read()[1], None)
+            if frame is None:
+                return None
+            self.index += 1
+            return frame, (self.index - 1) / self.fps if self.fps else time.monotonic()
+        ok, frame = self.capture.read()
+        if ok:
+            return frame, time.monotonic()
+        return self._reconnect()
+
+    def _reconnect(self):
+        """Back-off reopening of a dropped live source, for at most `reconnect_s` seconds."""
+        deadline, wait = time.monotonic() + self.reconnect_s, 0.5
+        while time.monotonic() < deadline:
+            log.warning("%s: no frame; reconnecting in %.1f s", self.name, wait)
+            time.sleep(wait)
+            self.capture.release()
+            self.capture = self._open()
+            ok, frame = self.capture.read() if self.capture.isOpened() else (False, None)
+            if ok:
+                return frame, time.monotonic()
+            wait = min(wait * 2, 8.0)
+        log.warning("%s: gave up after %.0f s without frames", self.name, self.reconnect_s)
+        return None
+
+    def close(self) -> None:
+        self.capture.release()
+
+
+class FolderSource(Source):
+    def __init__(self, folder: Path):
+        self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise UserError(f"{folder}: no images in this folder")
+        self.name, self.index = str(folder), 0
+
+    def read(self):
+        while self.index < len(self.paths):
+            path = self.paths[self.index]
+            self.index += 1
+            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if frame is not None:
+                return frame, float(self.index - 1)
+            log.warning("%s: not a readable image, skipped", path)
+        return None
+
+
+def has_gstreamer() -> bool:
+    info = cv2.getBuildInformation()
+    line = next((ln for ln in info.splitlines() if "GStreamer" in ln), "")
+    return "YES" in line
+
+
+def open_source(spec) -> Source:
+    """'video.mp4', '0' (camera), 'rtsp://...', 'nvarguscamerasrc ! ... ! appsink', 'frames/'."""
+    if isinstance(spec, Source):
+        return spec
+    text = str(spec)
+    if text.isdigit():
+        return VideoSource(int(text), live=True, reconnect_s=5.0)
+    if "!" in text:
+        if not has_gstreamer():
+            raise UserError("this OpenCV has no GStreamer (PyPI's opencv-python); on Jetson use JetPack's "
+                            "OpenCV (python3-opencv) in a venv made with --system-site-packages")
+        return VideoSource(text, live=True, api=cv2.CAP_GSTREAMER)
+    if "://" in text:
+        return VideoSource(text, live=True)
+    path = Path(text)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return FolderSource(path)
+    return VideoSource(str(path), live=False)
+
+
+class SyntheticSource(Source):
+    """`count` frames cycled from `frames`, as fast as they are asked for (or at `fps`),
+    stamped with the time they were made: with `live`, a camera faster than any model."""
+
+    def __init__(self, frames: list[np.ndarray], count: int, fps: float = 0.0, live: bool = True):
+        self.frames, self.count, self.fps, self.live = frames, count, fps, live
+        self.index, self.name = 0, "synthetic"
+
+    def read(self):
+        if self.index >= self.count:
+            return None
+        if self.fps:
+            time.sleep(1.0 / self.fps)
+        frame = self.frames[self.index % len(self.frames)]
+        self.index += 1
+        return frame, time.monotonic()

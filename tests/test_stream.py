@@ -1,0 +1,161 @@
+"""The streaming runtime: real video through the pipeline, parity with the PyTorch path,
+live sources that drop instead of queueing, bad inputs, memory over a long run."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+from export.cli import main
+from export.onnx_export import ExportOptions, export_onnx
+from runtime.metadata import read_onnx_metadata, write_onnx_metadata
+from runtime.pipeline import stream
+from runtime.sources import SyntheticSource
+from train.checkpoint import save_checkpoint
+from train.config import DETRConfig, checkpoint_config
+
+from conftest import NO_TORCH, ROOT, SHARED_DATA, sharp_model
+
+VIDEO = SHARED_DATA / "video" / "one-by-one-person-detection.mp4"
+TINY = DETRConfig(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=64,
+                  num_queries=8, num_classes=91, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    checkpoint = root / "tiny.pth"
+    save_checkpoint(checkpoint, sharp_model(TINY), checkpoint_config(TINY, (128, 160), None))
+    assert main(["export", str(checkpoint), "--out", str(root / "tiny.onnx")]) == 0
+    return checkpoint, root / "tiny.onnx"
+
+
+def test_real_video_every_frame_once_in_order(model, tmp_path):
+    if not VIDEO.exists():
+        pytest.skip(f"real video not present at {VIDEO}")
+    _, onnx_path = model
+    save, jsonl = tmp_path / "out.mp4", tmp_path / "out.jsonl"
+    assert main(["run", str(onnx_path), str(VIDEO), "--save", str(save), "--jsonl", str(jsonl), "--conf", "0.3"]) == 0
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["frame"] for r in records] == list(range(1394))
+    assert sum(len(r["detections"]) for r in records) > 0
+    written, source = cv2.VideoCapture(str(save)), cv2.VideoCapture(str(VIDEO))
+    assert int(written.get(cv2.CAP_PROP_FRAME_COUNT)) == 1394
+    assert (written.get(cv2.CAP_PROP_FRAME_WIDTH), written.get(cv2.CAP_PROP_FRAME_HEIGHT)) == \
+        (source.get(cv2.CAP_PROP_FRAME_WIDTH), source.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    frames = 0
+    while written.read()[0]:
+        frames += 1
+    assert frames == 1394
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left
+
+
+def test_run_equals_the_pytorch_path(model, tmp_path, coco_photos):
+    checkpoint, onnx_path = model
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in coco_photos[:4]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    assert main(["run", str(onnx_path), str(folder), "--jsonl", str(tmp_path / "run.jsonl"), "--conf", "0.3"]) == 0
+    assert main(["predict", str(checkpoint), *map(str, sorted(folder.iterdir())), "--out", str(tmp_path / "pred"),
+                 "--conf", "0.3"]) == 0
+    ours = [json.loads(line)["detections"] for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    theirs = [image["detections"] for image in json.loads((tmp_path / "pred" / "predictions.json").read_text())["images"]]
+    assert len(ours) == 4 and sum(map(len, theirs)) >= 4
+    for a, b in zip(ours, theirs):
+        assert [d["label"] for d in a] == [d["label"] for d in b]
+        np.testing.assert_allclose([d["score"] for d in a], [d["score"] for d in b], atol=1e-4)
+        np.testing.assert_allclose([d["box"] for d in a], [d["box"] for d in b], atol=0.05)
+
+
+class SlowBackend:
+    """The real backend, slowed to 20 ms a frame: a model slower than the camera."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def infer(self, images, mask):
+        time.sleep(0.02)
+        return self.backend.infer(images, mask)
+
+
+def test_live_source_drops_stale_frames_and_keeps_latency_bounded(model):
+    from runtime.backends import load_backend
+    backend = SlowBackend(load_backend(model[1]))
+    frame = np.full((240, 320, 3), 127, np.uint8)
+    source = SyntheticSource([frame], count=400, fps=500)  # a frame every 2 ms, inference every ~22 ms
+    results = stream(backend, source, conf=0.0)
+    seen = [(r.index, r.latency_ms) for r in results]
+    stats = results.stats
+    assert stats.dropped > 200 and stats.frames + stats.dropped == 400
+    indices = [i for i, _ in seen]
+    assert indices == sorted(indices) and len(indices) == stats.frames
+    latencies = [ms for _, ms in seen[5:]]
+    assert max(latencies) < 150  # one frame waiting at most, never a growing queue
+    assert latencies[-1] < 2 * np.median(latencies) + 20
+
+
+def test_memory_stays_flat_over_thousands_of_frames(model):
+    from runtime.backends import load_backend
+    backend = load_backend(model[1])
+    frames = [np.random.default_rng(i).integers(0, 255, (120, 160, 3), np.uint8) for i in range(4)]
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+    marks = {}
+    for result in stream(backend, SyntheticSource(frames, count=3000, live=False), conf=0.3):
+        if result.index in (500, 2999):
+            marks[result.index] = rss()
+    assert marks[2999] <= marks[500] * 1.03, marks
+
+
+@pytest.mark.parametrize("case", ["missing", "not a video", "camera", "no metadata", "size mismatch"])
+def test_bad_inputs_end_in_one_line(model, tmp_path, case):
+    _, onnx_path = model
+    model_arg, source = str(onnx_path), str(VIDEO if VIDEO.exists() else onnx_path)
+    if case == "missing":
+        source = str(tmp_path / "nothing.mp4")
+    elif case == "not a video":
+        source = str(tmp_path / "notes.mp4")
+        (tmp_path / "notes.mp4").write_text("not a video at all\n" * 100)
+    elif case == "camera":
+        source = "57"
+    else:
+        graph = onnx.load(str(onnx_path))
+        if case == "no metadata":
+            del graph.metadata_props[:]
+        else:
+            meta = read_onnx_metadata(graph, onnx_path)
+            meta["preprocess"]["imgsz"] = [256, 256]
+            write_onnx_metadata(graph, meta)
+        model_arg = str(tmp_path / "bad.onnx")
+        onnx.save(graph, model_arg)
+    proc = subprocess.run([sys.executable, "-m", "export.cli", "run", model_arg, source, "--save",
+                           str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("detr-edge: error")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+RUN_WITHOUT_TORCH = NO_TORCH + """
+from export.cli import main
+sys.exit(main(["run", sys.argv[1], sys.argv[2], "--max-frames", "3", "--jsonl", sys.argv[3]]))
+"""
+
+
+def test_run_needs_no_torch(model, tmp_path, coco_photos):
+    proc = subprocess.run([sys.executable, "-c", RUN_WITHOUT_TORCH, str(model[1]), str(coco_photos[0].parent),
+                           str(tmp_path / "r.jsonl")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 3
