@@ -203,6 +203,8 @@ def _run(args) -> None:
     for path in (args.save, args.jsonl):
         if path:
             print(f"wrote {path}")
+    if stats.interrupted:
+        raise KeyboardInterrupt
 
 
 def _bench(args) -> None:

@@ -35,6 +35,7 @@ class FrameResult:
 class Stats:
     frames: int = 0
     dropped: int = 0
+    interrupted: bool = False
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
     stages: dict = field(default_factory=lambda: {"capture": [], "preprocess": [], "infer": [],
@@ -57,7 +58,8 @@ class Stats:
 
     def format(self) -> str:
         s = self.summary()
-        lines = [f"{s['frames']} frames, {s['dropped']} dropped, {s['fps']:.1f} FPS end to end"]
+        lines = [f"{s['frames']} frames, {s['dropped']} dropped, {s['fps']:.1f} FPS end to end"
+                 + (" (interrupted)" if self.interrupted else "")]
         lines += [f"  {k:12s} p50 {v['p50']:8.2f} ms  p90 {v['p90']:8.2f}  p99 {v['p99']:8.2f}"
                   for k, v in s["ms"].items()]
         return "\n".join(lines)

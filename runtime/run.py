@@ -55,6 +55,8 @@ def run(model, source, backend: str = "auto", conf: float = 0.5, classes: str | 
                 print(f"frame {result.index}: {len(result.detections['scores'])} detections, "
                       f"{stream.stats.fps:.1f} FPS", flush=True)
         ok = True
+    except KeyboardInterrupt:  # Ctrl-C: stop, and keep what was written, properly closed
+        ok = stream.stats.interrupted = True
     finally:
         stream.close()
         for sink in sinks:

@@ -2,6 +2,7 @@
 live sources that drop instead of queueing, bad inputs, memory over a long run."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -146,6 +147,26 @@ def test_bad_inputs_end_in_one_line(model, tmp_path, case):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("detr-edge: error")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_a_finalised_video(model, tmp_path):
+    if not VIDEO.exists():
+        pytest.skip(f"real video not present at {VIDEO}")
+    save, jsonl = tmp_path / "out.mp4", tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "export.cli", "run", str(model[1]), str(VIDEO), "--save", str(save),
+                             "--jsonl", str(jsonl)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # interrupt once frames flow
+        if line.startswith("frame 100"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "(interrupted)" in out
+    lines = jsonl.read_text().splitlines()
+    written = cv2.VideoCapture(str(save))
+    # the interrupt may land between the JSON line and the video frame of one result
+    assert 100 <= len(lines) < 1394 and abs(int(written.get(cv2.CAP_PROP_FRAME_COUNT)) - len(lines)) <= 1
+    assert written.read()[0]  # a playable file, not a truncated one
 
 
 RUN_WITHOUT_TORCH = NO_TORCH + """
