@@ -107,6 +107,21 @@ def _register(sub) -> None:
     p.add_argument("--max-frames", type=int, help="pipeline: at most N frames")
     p.set_defaults(func=_bench)
 
+    p = sub.add_parser("deploy", help="(export) checkpoint -> FP32/FP16/INT8 ONNX (+ TensorRT engines on a GPU), "
+                                      "each checked against PyTorch with a gate, benchmarked, reported")
+    p.add_argument("checkpoint")
+    p.add_argument("--imgsz", help="input size H x W or S (default: the checkpoint's)")
+    p.add_argument("--precision", default="fp32,fp16,int8", help="comma list of fp32, fp16, int8")
+    p.add_argument("--calib-data", help="INT8 calibration images: folder, COCO json or video")
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--val-data", required=True, help="annotated set (COCO json/root) or image folder for the checks")
+    p.add_argument("--target", choices=list(TARGETS), default="ort")
+    p.add_argument("--fixed-batch", action="store_true", help="batch 1 files instead of dynamic batch")
+    p.add_argument("--max-ap-drop", type=float, default=1.0, help="INT8 search target when INT8 fails its gate")
+    p.add_argument("--triton", action="store_true", help="also write a Triton model repository (DIR/triton)")
+    p.add_argument("--out", default="deploy-out")
+    p.set_defaults(func=_deploy)
+
     p = sub.add_parser("info", help="(export) architecture, classes, parameters and input size of a "
                                     "checkpoint or ONNX file")
     p.add_argument("file", help="checkpoint (.pth), Hugging Face DETR folder, or .onnx")
@@ -210,6 +225,20 @@ def _run(args) -> None:
 def _bench(args) -> None:
     from runtime.run import bench, format_bench
     print(format_bench(bench(args.model, args.backend, args.iters, args.source, args.max_frames)))
+
+
+def _deploy(args) -> None:
+    from runtime.metadata import parse_imgsz
+
+    from .deploy import deploy, markdown
+    summary = deploy(args.checkpoint, args.out, parse_imgsz(args.imgsz) if args.imgsz else None,
+                     _split(args.precision) or (), args.calib_data, args.val_data, args.target, not args.fixed_batch,
+                     args.calib_samples, args.max_ap_drop, args.triton)
+    print(markdown(summary))
+    print(f"report: {args.out}/report.md, report.json, report.html; steps run: {', '.join(summary['steps']['ran']) or 'none (all up to date)'}")
+    if not summary["passed"]:
+        failed = sorted({r["precision"] for r in summary["artifacts"] if not r["passed"]})
+        raise GateFailed(f"deployment gate failed for {', '.join(failed)}")
 
 
 def _check(args) -> None:

@@ -2,10 +2,10 @@
 
 Synthesize the shapes dataset, train the CPU preset on it for a bounded time (a finished
 demo checkpoint is reused), evaluate it with pycocotools, show what the checkpoint holds,
-run the PyTorch reference path on a validation image, export FP32 and FP16 ONNX,
-calibrate INT8 (TensorRT and CPU flavours) on the training images, check all four
-files against PyTorch on the validation set, and stream the synthetic video (and the real
-one from ../shared/data when present) through the FP32 file.
+run the PyTorch reference path on a validation image, `deploy` it (FP32, FP16 and INT8
+ONNX, each checked against PyTorch on the validation set with its gate, benchmarked,
+reported; engines too where TensorRT and a GPU are), and stream the synthetic video (and
+the real one from ../shared/data when present) through the FP32 file.
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "-
 
 
 REAL_VIDEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "video" / "one-by-one-person-detection.mp4"
-VARIANTS = (".onnx", ".fp16.onnx", ".int8.onnx", ".int8-cpu.onnx")
 
 
 def run(out: Path, minutes: float) -> int:
     data, run_dir = out / "data", out / "train"
     checkpoint = run_dir / "best.pth"
-    onnx = out / "model.onnx"
+    deployed = out / "deploy"
+    onnx = deployed / "model.onnx"
     steps = []
     if not (data / "annotations" / "instances_val.json").exists():
         steps.append(["data", "synth", str(data), "--imgsz", "128", "--max-objects", "3"])
@@ -40,12 +40,9 @@ def run(out: Path, minutes: float) -> int:
     steps += [["eval", str(checkpoint), "--data", str(data), "--out", str(out / "metrics.json")],
               ["info", str(checkpoint)],
               ["predict", str(checkpoint), str(val_image), "--out", str(out / "predict"), "--conf", "0.5"],
-              ["export", str(checkpoint), "--out", str(onnx), "--dynamic-batch", "--precision", "fp32,fp16"],
-              ["info", str(onnx.with_suffix(".fp16.onnx"))],
-              ["calibrate", str(onnx), "--data", str(data / "train"), "--samples", "128",
-               "--val-data", str(data / "annotations" / "instances_val.json")],
-              ["check", str(checkpoint), "--against", *[str(onnx.with_suffix(s)) for s in VARIANTS],
-               "--data", str(data), "--out", str(out / "check")]]
+              ["deploy", str(checkpoint), "--out", str(deployed), "--precision", "fp32,fp16,int8",
+               "--calib-data", str(data / "train"), "--calib-samples", "128",
+               "--val-data", str(data / "annotations" / "instances_val.json"), "--triton"]]
     videos = [data / "shapes.mp4"] + ([REAL_VIDEO] if REAL_VIDEO.exists() else [])
     steps += [["run", str(onnx), str(video), "--save", str(out / "stream" / f"{video.stem}.mp4"),
                "--jsonl", str(out / "stream" / f"{video.stem}.jsonl")] for video in videos]
@@ -56,9 +53,7 @@ def run(out: Path, minutes: float) -> int:
     print(f"\ndemo done:\n  data        {data}/ (COCO format; video {data / 'shapes.mp4'})"
           f"\n  checkpoint  {checkpoint} (training log {run_dir / 'metrics.csv'}, {run_dir / 'eval.csv'})"
           f"\n  metrics     {out / 'metrics.json'}\n  predictions {out / 'predict'}/"
-          f"\n  ONNX        {', '.join(str(onnx.with_suffix(s)) for s in VARIANTS)}"
-          f"\n  INT8 report {onnx.with_suffix('.int8.report.md')}"
-          f"\n  check       {out / 'check' / 'report.md'}"
+          f"\n  deployment  {deployed / 'report.md'} (and report.html; ONNX files, INT8 report, Triton repository)"
           f"\n  streaming   {out / 'stream'}/ (annotated mp4 and JSON lines per video)")
     return 0
 

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: int = 1,
               options: QuantOptions | None = None, val_data=None, auto: bool = False, max_ap_drop: float = 1.0,
-              trt_version: str = "8.6.1", val_limit: int | None = None) -> dict:
+              trt_version: str = "8.6.1", val_limit: int | None = None, against_fp32: bool = False) -> dict:
+    """`against_fp32`: measure AP against the FP32 file's own detections even on annotated
+    data (what `deploy` gates on: agreement with the reference, not task accuracy)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     model = Path(model)
@@ -41,7 +43,7 @@ def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: i
     evaluate = None
     if val_data is not None:
         images = Images.load(val_data, limit=val_limit)
-        if images.coco is None:
+        if images.coco is None or against_fp32:
             images = pseudo_labelled(fp32, images)
             report["ap_reference"] = "the FP32 file's own detections at score >= 0.5 (unannotated --val-data)"
         report["ap"]["fp32"] = coco_ap(fp32, images)

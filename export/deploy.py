@@ -1,0 +1,281 @@
+"""`detr-edge deploy`: checkpoint -> every requested precision, checked, with a gate.
+
+export -> FP16 ONNX -> INT8 (calibrated; the sensitivity search when INT8 fails its gate)
+-> TensorRT engines when TensorRT and a GPU are here -> check every artifact against
+PyTorch -> bench every artifact -> DIR/report.md, report.json, report.html.
+
+Resumable: each step records the fingerprint of what it consumed (file hashes and
+options) in DIR/deploy-state.json; a rerun skips every step whose outputs exist and whose
+inputs did not change.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from runtime.errors import UserError
+from runtime.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+SUFFIX = {"fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx", "int8-cpu": ".int8-cpu.onnx"}
+
+
+def _digest(path: Path) -> str:
+    if path.is_dir():
+        return hashlib.sha256("".join(sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                             for p in path.rglob("*") if p.is_file())).encode()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Steps:
+    """Fingerprinted steps: `run(name, inputs, options, outputs, body)` calls `body` only
+    when an output is missing or an input/option changed since the last run."""
+
+    def __init__(self, state_path: Path):
+        self.path = state_path
+        self.state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        self.ran, self.skipped = [], []
+
+    def run(self, name: str, inputs: list, options: dict, outputs: list, body):
+        key = hashlib.sha256(json.dumps({"inputs": [_digest(Path(p)) for p in inputs], "options": options},
+                                        sort_keys=True, default=str).encode()).hexdigest()
+        if self.state.get(name, {}).get("key") == key and all(Path(p).exists() for p in outputs):
+            self.skipped.append(name)
+            return self.state[name].get("result")
+        result = body()
+        self.state[name] = {"key": key, "result": result}
+        write_json(self.path, self.state)
+        self.ran.append(name)
+        return result
+
+
+def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), calib_data=None, val_data=None,
+           target: str = "ort", dynamic_batch: bool = True, calib_samples: int = 256, max_ap_drop: float = 1.0,
+           triton: bool = False, bench_iters: int = 30) -> dict:
+    from .check import TOLERANCES, check
+    from .fp16 import convert_fp16
+    from .int8 import calibrate
+    from .onnx_export import ExportOptions, export_onnx
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.exists():
+        raise UserError(f"{checkpoint}: no such file")
+    unknown = set(precisions) - {"fp32", "fp16", "int8"}
+    if unknown or not precisions:
+        raise UserError(f"--precision: a comma list of fp32, fp16, int8 (not {', '.join(sorted(unknown))})")
+    if "int8" in precisions and not calib_data:
+        raise UserError("int8 needs --calib-data (images, a COCO json or a video)")
+    if not val_data:
+        raise UserError("--val-data is needed: every artifact is checked against PyTorch on it")
+    out.mkdir(parents=True, exist_ok=True)
+    steps = Steps(out / "deploy-state.json")
+    model = out / "model.onnx"
+    options = {"imgsz": imgsz, "target": target, "dynamic_batch": dynamic_batch}
+
+    def do_export():
+        from train.checkpoint import load_model
+        from train.config import OFFICIAL_IMGSZ
+        net, config = load_model(checkpoint, imgsz=imgsz or OFFICIAL_IMGSZ)
+        export_onnx(net.eval(), config, model, ExportOptions(imgsz=imgsz, dynamic_batch=dynamic_batch, target=target),
+                    source=checkpoint.name)
+    steps.run("export", [checkpoint], options, [model], do_export)
+    artifacts = {"fp32": model}
+    if "fp16" in precisions:
+        artifacts["fp16"] = model.with_suffix(".fp16.onnx")
+        steps.run("fp16", [model], {}, [artifacts["fp16"]], lambda: convert_fp16(model, artifacts["fp16"]) and None)
+    int8_note = None
+    if "int8" in precisions:
+        artifacts["int8"] = model.with_suffix(".int8.onnx")
+        artifacts["int8-cpu"] = model.with_suffix(".int8-cpu.onnx")
+        calib = {"samples": calib_samples}
+        steps.run("int8", [model, calib_data], calib, [artifacts["int8"], artifacts["int8-cpu"]],
+                  lambda: calibrate(model, calib_data, samples=calib_samples) and None)
+    engines = _engines(steps, artifacts, precisions)
+    files = list(artifacts.values()) + list(engines.values())
+
+    def do_check():
+        return check(checkpoint, files, val_data, out=out / "check")
+    report = steps.run("check", [checkpoint, val_data, *files], {"tolerances": TOLERANCES}, [out / "check" / "report.json"],
+                       do_check)
+    failed = {m["file"] for m in report["models"] if not m["gate"]["passed"]}
+    if "int8" in precisions and failed & {artifacts["int8"].name, artifacts["int8-cpu"].name}:
+        log.warning("INT8 failed its gate (%s): running the sensitivity search", ", ".join(sorted(failed)))
+        steps.run("int8-search", [model, calib_data, val_data], {"samples": calib_samples, "max_ap_drop": max_ap_drop},
+                  [artifacts["int8"], artifacts["int8-cpu"]],
+                  lambda: calibrate(model, calib_data, samples=calib_samples, val_data=val_data, auto=True,
+                                    max_ap_drop=max_ap_drop, against_fp32=True) and None)
+        engines = _engines(steps, artifacts, precisions)
+        files = list(artifacts.values()) + list(engines.values())
+        report = steps.run("check-after-search", [checkpoint, val_data, *files], {"tolerances": TOLERANCES},
+                           [out / "check" / "report.json"], do_check)
+        still = {m["file"] for m in report["models"] if not m["gate"]["passed"]}
+        int8_note = ("INT8 failed its gate; the sensitivity search recovered it (model.int8.report.md lists "
+                     "what it keeps float)" if not still & failed else
+                     "INT8 failed its gate; the sensitivity search did not bring it within the gate")
+    latency = steps.run("bench", files, {"iters": bench_iters}, files,
+                        lambda: {str(f): _latency(f, bench_iters) for f in files})
+    summary = _summary(report, latency, artifacts, engines, int8_note)
+    summary["steps"] = {"ran": steps.ran, "skipped": steps.skipped}
+    if triton:
+        every = {**artifacts, **engines}
+        summary["triton"] = steps.run("triton", list(every.values()), {}, [out / "triton"],
+                                      lambda: str(write_triton(out / "triton", every)))
+    write_json(out / "report.json", summary)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(markdown(summary))
+    _html(out, summary)
+    return summary
+
+
+def _engines(steps: Steps, artifacts: dict, precisions) -> dict:
+    """Engines of the TensorRT-bound files when TensorRT and a GPU are here; {} otherwise."""
+    try:
+        import tensorrt  # noqa: F401
+        from runtime.cuda import memory
+        memory().device_info()
+    except Exception:
+        log.warning("TensorRT or a GPU is missing here: stopping at the ONNX files (build engines with "
+                    "detr-edge build on the target)")
+        return {}
+    from .trt_build import build, engine_path
+    engines = {}
+    for precision in ("fp32", "fp16", "int8"):
+        if precision in precisions:
+            source = artifacts[precision]
+            engines[f"{precision} engine"] = engine_path(source)
+            steps.run(f"build {precision}", [source], {}, [engine_path(source)], lambda s=source: build(s) and None)
+    return engines
+
+
+def _latency(path, iters: int) -> dict:
+    import numpy as np
+
+    from runtime.backends import load_backend
+    from runtime.run import model_alone
+    engine = load_backend(path)
+    frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
+    times = model_alone(engine, frame, iters)
+    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
+
+
+def _summary(report: dict, latency: dict, artifacts: dict, engines: dict, int8_note) -> dict:
+    rows = []
+    by_file = {m["file"]: m for m in report["models"]}
+    for kind, path in {**artifacts, **engines}.items():
+        m = by_file[Path(path).name]
+        rows.append({"artifact": kind, "file": str(path), "precision": m["precision"],
+                     "AP": m.get("coco", {}).get("AP"), "AP_delta": m.get("coco", {}).get("AP_delta"),
+                     "agreement": m["detections"]["agreement"], "latency_p50_ms": latency[str(path)]["p50_ms"],
+                     "MiB": round(Path(path).stat().st_size / 2**20, 2), "passed": m["gate"]["passed"],
+                     "failures": m["gate"]["failures"]})
+    return {"checkpoint": report["checkpoint"], "data": report["data"], "pytorch": report["pytorch"],
+            "artifacts": rows, "int8": int8_note, "engines": bool(engines),
+            "passed": all(r["passed"] for r in rows)}
+
+
+def markdown(summary: dict) -> str:
+    pytorch = "; ".join(f"{k}: AP {100 * v['AP']:.2f}" for k, v in summary["pytorch"].items())
+    lines = [f"Deployment of `{summary['checkpoint']}`, checked on `{summary['data']}` (PyTorch {pytorch}).", "",
+             "| artifact | file | AP | AP delta | agreement | latency p50 (ms, this machine) | MiB | gate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["artifacts"]:
+        ap = "n/a" if r["AP"] is None else f"{r['AP']:.2f}"
+        delta = "n/a" if r["AP_delta"] is None else f"{r['AP_delta']:+.2f}"
+        verdict = "pass" if r["passed"] else "**FAIL**: " + "; ".join(r["failures"])
+        lines.append(f"| {r['artifact']} | {Path(r['file']).name} | {ap} | {delta} | {r['agreement']:.1%} | "
+                     f"{r['latency_p50_ms']:.1f} | {r['MiB']} | {verdict} |")
+    if not summary["engines"]:
+        lines += ["", "No TensorRT engines: TensorRT or a GPU is missing here (build them on the target with "
+                      "`detr-edge build`)."]
+    if summary["int8"]:
+        lines += ["", summary["int8"] + "."]
+    if summary.get("triton"):
+        lines += ["", f"Triton model repository: `{summary['triton']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def _html(out: Path, summary: dict) -> None:
+    """report.html: the table, AP and latency per artifact, the checker's delta plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = summary["artifacts"]
+    names = [r["artifact"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.bar(names, [r["AP"] or 0 for r in rows])
+    left.set(title="AP per artifact (points)")
+    right.bar(names, [r["latency_p50_ms"] for r in rows])
+    right.set(title="latency p50 (ms, this machine)")
+    fig.tight_layout()
+    with atomic_path(out / "report.png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    table = markdown(summary).split("\n\n", 1)
+    body = "".join(f"<tr>{''.join(f'<td>{html.escape(c.strip())}</td>' for c in line.strip('|').split('|'))}</tr>"
+                   for line in table[1].splitlines() if line.startswith("|") and "---" not in line)
+    page = (f"<html><head><meta charset='utf-8'><title>detr-edge deployment</title></head><body>"
+            f"<h1>detr-edge deployment</h1><p>{html.escape(table[0])}</p><table border='1'>{body}</table>"
+            f"<img src='report.png'><h2>Detections matched to PyTorch</h2><img src='check/deltas.png'></body></html>")
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(page)
+
+
+# ---- Triton ------------------------------------------------------------------------------
+
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bool": "TYPE_BOOL", "int64": "TYPE_INT64",
+                "int32": "TYPE_INT32"}
+
+
+def triton_config(name: str, path: Path) -> str:
+    """config.pbtxt for one ONNX file or engine (tensor names and shapes read from the file)."""
+    from runtime.backends import load_backend
+    backend = load_backend(path)
+    tensors = _tensors(path, backend)
+    dynamic = backend.batch is None
+    platform = "tensorrt_plan" if path.suffix in (".engine", ".plan") else "onnxruntime_onnx"
+    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {8 if dynamic else 0}"]
+    for kind in ("input", "output"):
+        entries = []
+        for tensor, dtype, shape in tensors[kind]:
+            dims = shape[1:] if dynamic else shape
+            entries.append(f'  {{ name: "{tensor}" data_type: {TRITON_TYPES[dtype]} dims: [ {", ".join(map(str, dims))} ] }}')
+        lines.append(f"{kind} [\n" + ",\n".join(entries) + "\n]")
+    if dynamic:
+        lines.append("dynamic_batching { }")
+    return "\n".join(lines) + "\n"
+
+
+def _tensors(path: Path, backend) -> dict:
+    import onnx
+    if path.suffix != ".onnx":  # an engine: the ONNX it was built from names the same tensors
+        path = path.with_name(backend.meta["engine"]["source"])
+    graph = onnx.load(str(path), load_external_data=False).graph
+    kinds = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BOOL: "bool",
+             onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
+
+    def describe(values):
+        return [(v.name, kinds[v.type.tensor_type.elem_type],
+                 [d.dim_value if d.dim_value else -1 for d in v.type.tensor_type.shape.dim]) for v in values]
+    return {"input": describe(graph.input), "output": describe(graph.output)}
+
+
+def write_triton(root: Path, files: dict) -> Path:
+    """A Triton model repository: one model per artifact, `<name>/config.pbtxt` + `<name>/1/model.*`."""
+    for kind, path in files.items():
+        path = Path(path)
+        name = "detr_" + kind.replace(" ", "_").replace("-", "_")
+        folder = root / name
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        target = folder / "1" / ("model.plan" if path.suffix in (".engine", ".plan") else "model.onnx")
+        shutil.copyfile(path, target)
+        with atomic_path(folder / "config.pbtxt") as tmp:
+            tmp.write_text(triton_config(name, path))
+    return root
