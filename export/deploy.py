@@ -121,7 +121,7 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
                      "what it keeps float)" if not still & failed else
                      "INT8 failed its gate; the sensitivity search did not bring it within the gate")
     latency = steps.run("bench", files, {"iters": bench_iters}, files,
-                        lambda: {str(f): _latency(f, bench_iters) for f in files})
+                        lambda: {Path(f).name: _latency(f, bench_iters) for f in files})
     summary = _summary(report, latency, artifacts, engines, int8_note)
     summary["steps"] = {"ran": steps.ran, "skipped": steps.skipped}
     if triton:
@@ -173,7 +173,8 @@ def _summary(report: dict, latency: dict, artifacts: dict, engines: dict, int8_n
         m = by_file[Path(path).name]
         rows.append({"artifact": kind, "file": str(path), "precision": m["precision"],
                      "AP": m.get("coco", {}).get("AP"), "AP_delta": m.get("coco", {}).get("AP_delta"),
-                     "agreement": m["detections"]["agreement"], "latency_p50_ms": latency[str(path)]["p50_ms"],
+                     "agreement": m["detections"]["agreement"], "detections": m["detections"]["reference"],
+                     "latency_p50_ms": latency[Path(path).name]["p50_ms"],
                      "MiB": round(Path(path).stat().st_size / 2**20, 2), "passed": m["gate"]["passed"],
                      "failures": m["gate"]["failures"]})
     return {"checkpoint": report["checkpoint"], "data": report["data"], "pytorch": report["pytorch"],
@@ -190,8 +191,13 @@ def markdown(summary: dict) -> str:
         ap = "n/a" if r["AP"] is None else f"{r['AP']:.2f}"
         delta = "n/a" if r["AP_delta"] is None else f"{r['AP_delta']:+.2f}"
         verdict = "pass" if r["passed"] else "**FAIL**: " + "; ".join(r["failures"])
-        lines.append(f"| {r['artifact']} | {Path(r['file']).name} | {ap} | {delta} | {r['agreement']:.1%} | "
+        agreement = (f"{r['agreement']:.1%} of {r['detections']}" if r["detections"]
+                     else "n/a: PyTorch detects nothing at 0.5")
+        lines.append(f"| {r['artifact']} | {Path(r['file']).name} | {ap} | {delta} | {agreement} | "
                      f"{r['latency_p50_ms']:.1f} | {r['MiB']} | {verdict} |")
+    if not any(r["detections"] for r in summary["artifacts"]):
+        lines += ["", "PyTorch makes no detection at score >= 0.5 on these images: the detection level of the "
+                      "gate proves nothing here; the verdicts rest on AP (and FP32's tensor errors)."]
     if not summary["engines"]:
         lines += ["", "No TensorRT engines: TensorRT or a GPU is missing here (build them on the target with "
                       "`detr-edge build`)."]
