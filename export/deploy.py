@@ -122,7 +122,10 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
                      "INT8 failed its gate; the sensitivity search did not bring it within the gate")
     latency = steps.run("bench", files, {"iters": bench_iters}, files,
                         lambda: {Path(f).name: _latency(f, bench_iters) for f in files})
+    samples = steps.run("samples", [checkpoint, val_data, *files], {}, [out / "samples"],
+                        lambda: _samples(checkpoint, files, val_data, out / "samples"))
     summary = _summary(report, latency, artifacts, engines, int8_note)
+    summary["samples"] = samples
     summary["steps"] = {"ran": steps.ran, "skipped": steps.skipped}
     if triton:
         every = {**artifacts, **engines}
@@ -164,6 +167,38 @@ def _latency(path, iters: int) -> dict:
     frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
     times = model_alone(engine, frame, iters)
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
+
+
+def _samples(checkpoint, files, val_data, folder: Path, count: int = 3, conf: float = 0.5) -> list[str]:
+    """A few validation images annotated by PyTorch and by each artifact, side by side."""
+    import cv2
+    import numpy as np
+
+    from runtime.backends import load_backend
+    from runtime.draw import draw_detections
+    from runtime.preprocess import preprocess
+    from train.checkpoint import load_model
+    from train.predict import predict_frames, read_image
+
+    from .check import Images
+    model, config = load_model(checkpoint)
+    model.eval()
+    backends = [load_backend(f) for f in files]
+    written = []
+    for path in Images.load(val_data, limit=count).paths:
+        frame = read_image(path)
+        panels = [("PyTorch", predict_frames(model, [frame], config["preprocess"], conf)[0])]
+        panels += [(b.name, b.detect(preprocess([frame], b.spec), conf)[0]) for b in backends]
+        tiles = []
+        for title, detections in panels:
+            tile = draw_detections(frame, detections, config["classes"])
+            cv2.putText(tile, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+            tiles.append(tile)
+        target = folder / f"{path.stem}.jpg"
+        with atomic_path(target) as tmp:
+            cv2.imwrite(str(tmp), np.hstack(tiles))
+        written.append(str(target.relative_to(folder.parent)))
+    return written
 
 
 def _summary(report: dict, latency: dict, artifacts: dict, engines: dict, int8_note) -> dict:
@@ -229,7 +264,10 @@ def _html(out: Path, summary: dict) -> None:
                    for line in table[1].splitlines() if line.startswith("|") and "---" not in line)
     page = (f"<html><head><meta charset='utf-8'><title>detr-edge deployment</title></head><body>"
             f"<h1>detr-edge deployment</h1><p>{html.escape(table[0])}</p><table border='1'>{body}</table>"
-            f"<img src='report.png'><h2>Detections matched to PyTorch</h2><img src='check/deltas.png'></body></html>")
+            f"<img src='report.png'><h2>Detections matched to PyTorch</h2><img src='check/deltas.png'>"
+            f"<h2>Sample images at score &gt;= 0.5: PyTorch, then each artifact</h2>"
+            + "".join(f"<p><img src='{html.escape(p)}'></p>" for p in summary.get("samples", []))
+            + "</body></html>")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
 

@@ -3,6 +3,7 @@ named failure, and a Triton repository whose configs parse and match the files."
 import json
 import time
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -45,7 +46,11 @@ def test_report_has_every_precision_with_ap_latency_and_a_verdict(deployed):
     assert not report["engines"]  # no TensorRT here: it says so and stops at the ONNX files
     md = (root / "out" / "report.md").read_text()
     assert "No TensorRT engines" in md and md.count("| pass |") >= 2
-    assert (root / "out" / "report.html").read_text().count("<tr>") == 5
+    page = (root / "out" / "report.html").read_text()
+    assert page.count("<tr>") == 5 and page.count("samples/") == 3
+    for sample in report["samples"]:  # PyTorch and the four files side by side
+        image = cv2.imread(str(root / "out" / sample))
+        assert image.shape[1] == 5 * 128
 
 
 def test_rerun_with_nothing_changed_does_no_work(deployed, monkeypatch):
