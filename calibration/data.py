@@ -1,8 +1,10 @@
 """Calibration samples: frames from an image folder, a COCO json (the images it lists) or a
-video file (every k-th frame), preprocessed by the runtime's own `preprocess`, so
-calibration sees exactly the tensors deployment feeds the engine, padding mask included."""
+video file (every k-th frame), read by the runtime's own sources and preprocessed by its
+own `preprocess`, so calibration sees exactly the tensors deployment feeds the engine,
+padding mask included."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -13,51 +15,36 @@ import numpy as np
 from runtime.errors import UserError
 from runtime.io import coco_image_folder
 from runtime.preprocess import preprocess
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+from runtime.sources import open_source
 
 
-def image_paths(source: Path) -> list[Path]:
-    """An image folder, or a COCO json (its images in the COCO layout's folder, else beside it)."""
-    if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+def image_paths(annotations: Path) -> list[Path]:
+    """The images a COCO json lists (in the COCO layout's folder, else beside the json)."""
     try:
-        listed = [image["file_name"] for image in json.loads(source.read_text())["images"]]
+        listed = [image["file_name"] for image in json.loads(annotations.read_text())["images"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{source}: not a COCO json with an 'images' list ({type(exc).__name__})") from None
-    folder = coco_image_folder(source)
-    return [(folder if folder.is_dir() else source.parent) / name for name in listed]
+        raise UserError(f"{annotations}: not a COCO json with an 'images' list ({type(exc).__name__})") from None
+    folder = coco_image_folder(annotations)
+    return [(folder if folder.is_dir() else annotations.parent) / name for name in listed]
 
 
 def frames(source, samples: int, every: int = 1) -> Iterator[np.ndarray]:
-    """Up to `samples` BGR frames; unreadable images are skipped (and counted by the caller)."""
+    """Up to `samples` BGR frames of an image folder or video (the runtime's sources:
+    unreadable images are skipped; a video gives every `every`-th frame) or of the images
+    a COCO json lists."""
     source = Path(source)
-    if not source.exists():
-        raise UserError(f"{source}: no such file or folder")
-    if source.suffix.lower() in VIDEO_SUFFIXES:
-        capture = cv2.VideoCapture(str(source))
-        index = count = 0
-        try:
-            while count < samples:
-                ok, frame = capture.read()
-                if not ok:
-                    break
-                if index % every == 0:
-                    count += 1
-                    yield frame
-                index += 1
-        finally:
-            capture.release()
+    if source.suffix.lower() == ".json":
+        if not source.exists():
+            raise UserError(f"{source}: no such file")
+        readable = (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in image_paths(source))
+        yield from itertools.islice((f for f in readable if f is not None), samples)
         return
-    count = 0
-    for path in image_paths(source):
-        if count >= samples:
-            break
-        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if frame is not None:
-            count += 1
-            yield frame
+    opened = open_source(str(source))
+    try:
+        items = iter(opened.read, None)
+        yield from itertools.islice((frame for frame, _ in itertools.islice(items, 0, None, every)), samples)
+    finally:
+        opened.close()
 
 
 class Samples:

@@ -29,10 +29,10 @@ from runtime.errors import UserError
 from runtime.io import atomic_path, write_json
 from runtime.postprocess import postprocess
 from runtime.preprocess import preprocess
+from runtime.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 REL_FLOOR = 1e-3
 # Gate per precision. Tensor limits: max absolute error of the raw outputs; agreement: the
 # fraction of detections matched at the threshold; ap_drop: |AP delta| in points (0-100).
