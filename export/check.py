@@ -16,7 +16,6 @@ A gate per precision (TOLERANCES) turns that into pass/fail. Any object with the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from runtime.errors import UserError
 from runtime.io import atomic_path, write_json
 from runtime.postprocess import postprocess
 from runtime.preprocess import preprocess
-from runtime.sources import IMAGE_SUFFIXES
+from train.data import Images
 
 log = logging.getLogger(__name__)
 
@@ -43,33 +42,6 @@ TOLERANCES = {
     # threshold flip either way: AP is INT8's main criterion, agreement a looser one
     "int8": {"agreement": 0.80, "ap_delta": 1.0},
 }
-
-
-@dataclass
-class Images:
-    """What --data names: image paths, with pycocotools ground truth when annotated."""
-    paths: list[Path]
-    ids: list[int]
-    coco: object = None
-    label_to_cat: dict = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, data, split: str = "val", contiguous: bool = False, limit: int | None = None) -> "Images":
-        data = Path(data)
-        if not data.exists():
-            raise UserError(f"{data}: no such file or folder")
-        paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if data.is_dir() else []
-        if paths:  # a plain image folder: tensors and detections, no AP
-            return cls(paths[:limit], list(range(len(paths[:limit]))))
-        from train.data import CocoDetection, resolve_coco  # a COCO layout root or instances json
-        dataset = CocoDetection(*resolve_coco(data, split), contiguous=contiguous)
-        ids = dataset.ids[:limit]
-        if not ids:
-            raise UserError(f"{data}: the annotation file lists no images")
-        if limit:  # evaluate on the checked images only
-            dataset.coco.imgs = {i: dataset.coco.imgs[i] for i in ids}
-        paths = [dataset.images / dataset.coco.imgs[i]["file_name"] for i in ids]
-        return cls(paths, ids, dataset.coco, dataset.label_to_cat)
 
 
 class Comparison:

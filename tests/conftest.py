@@ -39,6 +39,13 @@ def photos_by_aspect(coco_photos):
     return [ordered[-1], ordered[0], squarest]
 
 
+def small_config():
+    """The small DETR of the stage tests: 5 classes (the shapes' ids 1..4), 12 queries."""
+    from train.config import DETRConfig
+    return DETRConfig(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
+                      dim_feedforward=128, num_queries=12, num_classes=5, dropout=0.0)
+
+
 def sharp_model(config, seed: int = 0):
     """A random DETR whose class head is sharpened, so scores spread over 0..1 and a good
     share of queries pass 0.5 (a fresh head scores every query near 1/K)."""

@@ -19,13 +19,12 @@ from export.onnx_export import ExportOptions, export_onnx
 from runtime.errors import UserError
 from runtime.metadata import preprocess_spec
 from runtime.preprocess import preprocess
-from train.config import DETRConfig, checkpoint_config
+from train.config import checkpoint_config
 from train.synth import synthesize
 
-from conftest import ROOT, sharp_model
+from conftest import ROOT, sharp_model, small_config
 
-SMALL = DETRConfig(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
-                   num_queries=12, num_classes=5, dropout=0.0)
+SMALL = small_config()
 SPEC = preprocess_spec((128, 128))
 
 

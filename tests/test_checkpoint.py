@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runtime.errors import UserError
-from train.checkpoint import load_model, read_checkpoint, save_checkpoint
+from train.checkpoint import load_model, save_checkpoint
 from train.config import DETRConfig, checkpoint_config
 from train.detr import DETR
 

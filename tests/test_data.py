@@ -2,7 +2,6 @@
 import json
 
 import cv2
-import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_convert

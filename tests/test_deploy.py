@@ -11,13 +11,12 @@ from onnx import numpy_helper
 
 from export.cli import main
 from train.checkpoint import save_checkpoint
-from train.config import DETRConfig, checkpoint_config
+from train.config import checkpoint_config
 from train.synth import synthesize
 
-from conftest import sharp_model
+from conftest import sharp_model, small_config
 
-SMALL = DETRConfig(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
-                   num_queries=12, num_classes=5, dropout=0.0)
+SMALL = small_config()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from runtime.metadata import preprocess_spec  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
 from train import hf  # noqa: E402
 from train.checkpoint import load_model, read_checkpoint  # noqa: E402
-from train.config import DETRConfig as OurConfig  # noqa: E402
 from train.detr import DETR  # noqa: E402
 
 R50 = dict(backbone=ResNetConfig(out_features=["stage4"]), detr={})

@@ -13,7 +13,6 @@ import onnx
 import pytest
 
 from export.cli import main
-from export.onnx_export import ExportOptions, export_onnx
 from runtime.metadata import read_onnx_metadata, write_onnx_metadata
 from runtime.pipeline import stream
 from runtime.sources import SyntheticSource

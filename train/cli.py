@@ -69,6 +69,29 @@ def register(sub) -> None:
     p.add_argument("--out", help="write the metrics as JSON here")
     p.set_defaults(func=_eval)
 
+    p = sub.add_parser("explain", help="(train) where the model looks: decoder and encoder attention as PNGs")
+    p.add_argument("checkpoint")
+    p.add_argument("image")
+    p.add_argument("--queries", default="top",
+                   help="top: the queries detecting above --conf (default); all; or indices like 3,17")
+    p.add_argument("--points", nargs="+", metavar="X,Y",
+                   help="encoder self-attention at these image pixels (default: the detections' centres)")
+    p.add_argument("--conf", type=float, default=0.5, help="score threshold of --queries top")
+    p.add_argument("--heads", action="store_true", help="each attention head too, beside their mean")
+    p.add_argument("--imgsz", help="input size H x W or S (default: the checkpoint's)")
+    p.add_argument("--out", default="explain-out", help="folder for the PNGs, index.html and explain.json")
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("queries", help="(train) the paper's query-specialisation plot over a dataset")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="image folder, COCO layout root, or instances json")
+    p.add_argument("--split", default="val")
+    p.add_argument("--conf", type=float, default=0.5, help="count predictions with score >= this")
+    p.add_argument("--limit", type=int, help="use the first N images only")
+    p.add_argument("--imgsz", help="input size H x W or S (default: the checkpoint's)")
+    p.add_argument("--out", default="queries-out", help="folder for queries.png and queries.json")
+    p.set_defaults(func=_queries)
+
     data = sub.add_parser("data", help="(train) datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the embedded shapes dataset (COCO format) and a video")
     p.add_argument("out")
@@ -141,6 +164,29 @@ def _eval(args) -> None:
         print(f"{name:>10}: {value:.4f}")
     if args.out:
         write_json(args.out, {"checkpoint": args.checkpoint, "data": str(ann), "imgsz": list(imgsz), **metrics})
+
+
+def _explain(args) -> None:
+    from runtime.metadata import parse_imgsz
+
+    from .explain import run
+
+    views = run(args.checkpoint, args.image, args.out, args.queries, args.points, args.conf, args.heads,
+                parse_imgsz(args.imgsz) if args.imgsz else None)
+    log.info("%d queries, %d reference points -> %s/index.html", len(views["decoder"]), len(views["encoder"]),
+             args.out)
+
+
+def _queries(args) -> None:
+    from runtime.metadata import parse_imgsz
+
+    from .queries import run
+
+    stats = run(args.checkpoint, args.data, args.out, args.split, args.conf,
+                parse_imgsz(args.imgsz) if args.imgsz else None, args.limit)
+    firing = sum(1 for slot in stats["slots"] if slot["count"])
+    log.info("%d images: %d predictions at score >= %g from %d of %d query slots -> %s/queries.png",
+             stats["images"], stats["predictions"], args.conf, firing, len(stats["slots"]), args.out)
 
 
 def _synth(args) -> None:

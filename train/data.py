@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -25,6 +26,7 @@ from runtime.errors import UserError
 from runtime.io import coco_image_folder
 from runtime.metadata import IMAGENET_MEAN, IMAGENET_STD, preprocess_spec
 from runtime.preprocess import preprocess
+from runtime.sources import IMAGE_SUFFIXES
 
 OFFICIAL_SCALES = list(range(480, 801, 32))
 
@@ -221,3 +223,29 @@ def find_split(root: str | Path, split: str) -> tuple[Path, Path]:
     if not images.is_dir():
         raise UserError(f"{root}: annotation {ann.name} found but no image folder {images.name}/")
     return images, ann
+
+
+@dataclass
+class Images:
+    """What --data names: image paths, with pycocotools ground truth when annotated."""
+    paths: list[Path]
+    ids: list[int]
+    coco: object = None
+    label_to_cat: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, data, split: str = "val", contiguous: bool = False, limit: int | None = None) -> "Images":
+        data = Path(data)
+        if not data.exists():
+            raise UserError(f"{data}: no such file or folder")
+        paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if data.is_dir() else []
+        if paths:  # a plain image folder: tensors and detections, no AP
+            return cls(paths[:limit], list(range(len(paths[:limit]))))
+        dataset = CocoDetection(*resolve_coco(data, split), contiguous=contiguous)
+        ids = dataset.ids[:limit]
+        if not ids:
+            raise UserError(f"{data}: the annotation file lists no images")
+        if limit:  # evaluate on the checked images only
+            dataset.coco.imgs = {i: dataset.coco.imgs[i] for i in ids}
+        paths = [dataset.images / dataset.coco.imgs[i]["file_name"] for i in ids]
+        return cls(paths, ids, dataset.coco, dataset.label_to_cat)
