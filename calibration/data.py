@@ -93,3 +93,13 @@ class Samples:
 
     def rewind(self) -> None:
         self._iterator = None
+
+
+class Batches:
+    """A list of feed dicts as an onnxruntime `CalibrationDataReader`."""
+
+    def __init__(self, feeds: list[dict]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)

@@ -66,6 +66,50 @@ def _quiet():
         root.setLevel(level)
 
 
+def collect_ranges(src, cache: Path, options: QuantOptions, reader) -> None:
+    """Calibration ranges of the FP32 file `src` from `reader` (a `Samples`), written to
+    `cache` in onnxruntime's JSON format, where `quantize_static` reads them back.
+
+    One batch per `collect_data` call: onnxruntime's histogram calibrators hold every
+    calibrated tensor of all the data one call reads before they histogram it (DETR-R50 at
+    640: ~0.7 GB per image; 32 images were killed for memory on a 24 GiB machine, where one
+    at a time peaks at 3.4 GB), and they merge histograms across calls."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from .data import Batches
+
+    with tempfile.TemporaryDirectory(prefix="detr-edge-calib.") as tmp, _quiet():
+        calibrator = create_calibrator(Path(src), list(options.op_types),
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=_method(options.method))
+        for feed in reader.batches():
+            calibrator.collect_data(Batches([feed]))
+        ranges = calibrator.compute_data()
+    with atomic_path(Path(cache)) as tmp_cache:
+        save_tensors_data(ranges, tmp_cache)
+
+
+def _unshare_initializers(graph, float_nodes: set) -> None:
+    """Give float-kept nodes their own copy of any initializer they share with other nodes:
+    the simplifier merges identical tensors (two convolutions' equal biases, say), and the
+    quantizer would otherwise feed the float node the quantized copy it makes for the other."""
+    initializers = {t.name: t for t in graph.graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    for node in graph.graph.node:
+        if node.name not in float_nodes:
+            continue
+        for i, name in enumerate(node.input):
+            if name in initializers and users[name] > 1:
+                copy = graph.graph.initializer.add()
+                copy.CopyFrom(initializers[name])
+                copy.name = node.input[i] = f"{name}/{node.name}"
+
+
 def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) -> dict:
     """Write the `flavour` INT8 file of FP32 `src` to `dst`. `cache` is the calibration-range
     file (onnxruntime's JSON): computed from `reader` when absent, reused when present."""
@@ -74,6 +118,10 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
 
     from runtime.metadata import read_onnx_metadata, write_onnx_metadata
 
+    if not Path(cache).is_file():
+        if reader is None:
+            raise UserError(f"{cache}: no calibration ranges, and no data to compute them from")
+        collect_ranges(src, Path(cache), options, reader)
     graph = onnx.load(str(src))
     meta = read_onnx_metadata(graph, src)
     if meta.get("export", {}).get("precision", "fp32") != "fp32":
@@ -82,10 +130,11 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
         raise UserError(f"unknown flavour {flavour!r}: trt or cpu")
     trt = flavour == "trt"
     exclude = excluded_nodes(graph, options)
+    _unshare_initializers(graph, set(exclude))
     extra = {"ActivationSymmetric": trt, "WeightSymmetric": True, "QuantizeBias": not trt}
     with atomic_path(Path(dst)) as tmp, _quiet():
         try:
-            quantize_static(graph, str(tmp), reader, quant_format=QuantFormat.QDQ,
+            quantize_static(graph, str(tmp), None, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(options.op_types), per_channel=True,
                             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude,

@@ -79,6 +79,27 @@ def _initializers(graph):
     return {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
 
 
+def test_ranges_collected_batch_by_batch_equal_one_pass(work, tmp_path):
+    """The bounded-memory collection (one batch per `collect_data`) gives the ranges
+    onnxruntime's own single pass over all the data gives: exactly, for min-max."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from calibration.quantize import QuantOptions, collect_ranges
+
+    def samples():
+        return Samples(work / "data" / "train", SPEC, samples=5, progress=False)
+
+    collect_ranges(work / "m.onnx", tmp_path / "chunked.json", QuantOptions(method="minmax"), samples())
+    quantize_static(str(work / "m.onnx"), str(tmp_path / "q.onnx"), samples(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                    calibration_cache_path=str(tmp_path / "one-pass.json"))
+    chunked, one_pass = load_tensors_data(tmp_path / "chunked.json"), load_tensors_data(tmp_path / "one-pass.json")
+    assert set(chunked.data) == set(one_pass.data) and len(chunked.data) > 50
+    for name, value in one_pass.data.items():
+        np.testing.assert_array_equal(chunked.data[name].range_value, value.range_value)
+
+
 def test_tensorrt_flavour_follows_the_parser_rules(calibrated):
     graph = onnx.load(str(calibrated / "m.int8.onnx"))
     opset = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
