@@ -68,6 +68,26 @@ def test_edge_eval_transform_is_the_runtime_preprocessing(coco_tiny):
     assert torch.allclose(target["boxes"], expected)
 
 
+def test_zoom_zero_only_flips(coco_tiny):
+    """`--zoom 0`: every training sample is the evaluation sample or its mirror image."""
+    torch.manual_seed(0)
+    evaluation = CocoDetection(*coco_tiny, Transform("edge", (256, 320), train=False))
+    training = CocoDetection(*coco_tiny, Transform("edge", (256, 320), train=True, zoom=0.0))
+    flips = 0
+    for index in range(20):
+        (plain, _, expected), (image, _, target) = evaluation[index], training[index]
+        if torch.equal(image, plain):
+            assert torch.allclose(target["boxes"], expected["boxes"])
+        else:  # mirrored: the letterboxed content and the box centres flip within the unpadded width
+            cx = target["boxes"][:, 0]
+            assert torch.allclose(cx, 1 - expected["boxes"][:, 0], atol=1e-5)
+            assert torch.allclose(target["boxes"][:, 1:], expected["boxes"][:, 1:], atol=1e-5)
+            flips += 1
+    assert 0 < flips < 20
+    with pytest.raises(UserError, match="probability"):
+        Transform("edge", (256, 320), train=True, zoom=1.5)
+
+
 def test_collate_pads_with_mask():
     a = (torch.ones(3, 4, 6), torch.zeros(4, 6, dtype=torch.bool), {})
     b = (torch.ones(3, 5, 3), torch.zeros(5, 3, dtype=torch.bool), {})

@@ -44,6 +44,7 @@ def register(sub) -> None:
             ("lr", float, "default 1e-4"), ("lr-backbone", float, "default 1e-5; 0 freezes the backbone"),
             ("weight-decay", float, "default 1e-4"), ("clip-max-norm", float, "default 0.1"),
             ("lr-drop", int, "epoch of the x0.1 drop, default 200"), ("warmup", int, "linear warm-up steps"),
+            ("zoom", float, "edge recipe: probability of the random zoom-in crop, default 0.5"),
             ("eos-coef", float, "no-object class weight, default 0.1"),
             ("groups", int, "Group DETR query groups for faster convergence (training only), default 1"),
             ("eval-every", int, "epochs between COCO evaluations (0: only at the end), default 1"),

@@ -69,12 +69,13 @@ def official_augment(scales=OFFICIAL_SCALES, max_size=1333, crop=(384, 600)) -> 
     ])
 
 
-def edge_augment() -> v2.Compose:
-    """Flip and, half of the time, a random crop of 50-100% of each side (a zoom-in); the
-    fixed-size letterbox comes after (in `Transform`), so training sees the deployment geometry."""
+def edge_augment(zoom: float = 0.5) -> v2.Compose:
+    """Flip and, with probability `zoom`, a random crop of 50-100% of each side (a zoom-in);
+    the fixed-size letterbox comes after (in `Transform`), so training sees the deployment
+    geometry."""
     return v2.Compose([
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([RandomSizeCrop(0.5, 1.0, fraction=True)], p=0.5),
+        *([v2.RandomApply([RandomSizeCrop(0.5, 1.0, fraction=True)], p=zoom)] if zoom > 0 else []),
         *_finish_geometry(),
     ])
 
@@ -86,14 +87,16 @@ class Transform:
     function deployment uses). recipe 'official': augmentation at free size, ImageNet
     normalisation, no padding (the collate pads)."""
 
-    def __init__(self, recipe: str, imgsz=None, train: bool = True):
+    def __init__(self, recipe: str, imgsz=None, train: bool = True, zoom: float = 0.5):
         if recipe not in ("edge", "official"):
             raise UserError(f"unknown recipe {recipe!r}: edge or official")
         if recipe == "edge" and imgsz is None:
             raise UserError("the edge recipe needs the input size (imgsz)")
         self.recipe, self.train = recipe, train
         self.spec = preprocess_spec(imgsz) if imgsz is not None else None
-        self.augment = (edge_augment() if recipe == "edge" else official_augment()) if train else None
+        if not 0 <= zoom <= 1:
+            raise UserError(f"zoom {zoom} is a probability: 0 to 1")
+        self.augment = (edge_augment(zoom) if recipe == "edge" else official_augment()) if train else None
 
     def __call__(self, frame: np.ndarray, boxes: np.ndarray, labels: np.ndarray):
         if self.augment is not None:

@@ -39,6 +39,7 @@ class TrainOptions:
     resume: str | None = None        # a last.pth of ours: continue exactly
     imgsz: tuple | None = None       # default: the preset's (or the weights')
     recipe: str = "edge"             # edge: letterbox at imgsz; official: multi-scale 480..800
+    zoom: float = 0.5                # edge recipe: probability of the random zoom-in crop
     epochs: int = 300
     batch_size: int = 2
     lr: float = 1e-4
@@ -163,7 +164,7 @@ def build(opts: TrainOptions):
         raise UserError(f"{opts.resume}: the model has {config['model']['num_classes']} classes, "
                         f"the data {probe.num_classes}")
     imgsz = tuple(config["preprocess"]["imgsz"])
-    probe.transform = Transform(opts.recipe, imgsz, train=True)
+    probe.transform = Transform(opts.recipe, imgsz, train=True, zoom=opts.zoom)
     val = CocoDetection(val_images, val_ann, Transform("edge", imgsz, train=False), contiguous=opts.contiguous)
     return probe, val, model, config, resumed
 
