@@ -152,8 +152,11 @@ def test_ctrl_c_stops_cleanly_and_keeps_a_finalised_video(model, tmp_path):
     if not VIDEO.exists():
         pytest.skip(f"real video not present at {VIDEO}")
     save, jsonl = tmp_path / "out.mp4", tmp_path / "out.jsonl"
+    # a shell starts background jobs with SIGINT ignored, and children inherit that (Python then
+    # installs no KeyboardInterrupt handler): give the child the terminal's default, as a user has
     proc = subprocess.Popen([sys.executable, "-m", "export.cli", "run", str(model[1]), str(VIDEO), "--save", str(save),
-                             "--jsonl", str(jsonl)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--jsonl", str(jsonl)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # interrupt once frames flow
         if line.startswith("frame 100"):
             proc.send_signal(signal.SIGINT)
