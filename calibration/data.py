@@ -48,8 +48,8 @@ def frames(source, samples: int, every: int = 1) -> Iterator[np.ndarray]:
 
 
 class Samples:
-    """Preprocessed calibration batches for one model (its spec and batch size), also an
-    onnxruntime `CalibrationDataReader` (`get_next` -> feed dict, None at the end)."""
+    """Preprocessed calibration batches for one model (its spec and batch size), read once
+    per pass by `batches()`."""
 
     def __init__(self, source, spec: dict, samples: int = 256, every: int = 1, batch: int = 1,
                  progress: bool = True):
@@ -58,7 +58,6 @@ class Samples:
         self.source, self.spec, self.samples, self.every, self.batch = source, spec, samples, every, batch
         self.progress = progress
         self.count = 0
-        self._iterator = None
 
     def batches(self) -> Iterator[dict]:
         """{'images', 'mask'} of `batch` frames each (the last one topped up with repeats)."""
@@ -84,15 +83,6 @@ class Samples:
     def _feed(self, frames_: list) -> dict:
         batch = preprocess(frames_, self.spec)
         return {"images": batch.images, "mask": batch.mask}
-
-    # onnxruntime.quantization.CalibrationDataReader protocol
-    def get_next(self):
-        if self._iterator is None:
-            self._iterator = self.batches()
-        return next(self._iterator, None)
-
-    def rewind(self) -> None:
-        self._iterator = None
 
 
 class Batches:

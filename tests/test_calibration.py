@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from calibration.data import Samples, frames
+from calibration.data import Batches, Samples, frames
 from calibration.trt_cache import read_cache, scales_from_ranges, version_tag, write_cache
 from export.cli import main
 from export.onnx_export import ExportOptions, export_onnx
@@ -91,7 +91,8 @@ def test_ranges_collected_batch_by_batch_equal_one_pass(work, tmp_path):
         return Samples(work / "data" / "train", SPEC, samples=5, progress=False)
 
     collect_ranges(work / "m.onnx", tmp_path / "chunked.json", QuantOptions(method="minmax"), samples())
-    quantize_static(str(work / "m.onnx"), str(tmp_path / "q.onnx"), samples(), quant_format=QuantFormat.QDQ,
+    quantize_static(str(work / "m.onnx"), str(tmp_path / "q.onnx"), Batches(list(samples().batches())),
+                    quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
                     calibration_cache_path=str(tmp_path / "one-pass.json"))
     chunked, one_pass = load_tensors_data(tmp_path / "chunked.json"), load_tensors_data(tmp_path / "one-pass.json")
