@@ -65,12 +65,16 @@ class DETR(nn.Module):
                 "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]}
 
 
+def class_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [..., K+1] -> (score, label) per query: softmax, "no object" dropped, max."""
+    return logits.float().softmax(-1)[..., :-1].max(-1)
+
+
 @torch.no_grad()
 def postprocess(logits: torch.Tensor, boxes: torch.Tensor, sizes: torch.Tensor,
                 conf: float = 0.0, topk: int | None = None) -> list[dict]:
     """Torch twin of `runtime.postprocess.postprocess` (tested equal to it)."""
-    probs = logits.float().softmax(-1)[..., :-1]
-    scores, labels = probs.max(-1)
+    scores, labels = class_scores(logits)
     xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
     results = []
     for b in range(logits.shape[0]):

@@ -21,7 +21,7 @@ from runtime.preprocess import preprocess
 
 from .checkpoint import load_model
 from .data import Images
-from .detr import DETR
+from .detr import DETR, class_scores
 from .predict import read_image
 
 LARGE_AREA = 0.1  # box area over this share of the image counts as large (paper: no figure given)
@@ -43,7 +43,7 @@ def collect(model: DETR, paths: list[Path], spec: dict, conf: float, batch_size:
     for start in tqdm(range(0, len(paths), batch_size), desc="queries", unit="batch", leave=False):
         batch = preprocess([read_image(p) for p in paths[start:start + batch_size]], spec)
         out = model(torch.from_numpy(batch.images), torch.from_numpy(batch.mask))
-        scores = out["pred_logits"].softmax(-1)[..., :-1].max(-1).values  # the postprocess score
+        scores = class_scores(out["pred_logits"])[0]
         for image, slot in (scores >= conf).nonzero().tolist():
             found[slot].append(out["pred_boxes"][image, slot].numpy())  # boxes are relative to the unpadded image
     return [np.array(boxes, np.float32).reshape(-1, 4) for boxes in found]
