@@ -1,14 +1,21 @@
 """Training throughput (images/s) of one full step (forward, matching, set loss with aux
 losses, backward, clipping, AdamW) on random data, at the config the official code was
-measured at on this machine (../shared/reference/measured-here.md: 45.9 images/s):
-ResNet-18, d=128, 3+3 layers, 8 heads, ffn 512, 20 queries, 3 classes, 128x128 images
-with 3 boxes each, batch 16, 2 threads. The official code's backbone has frozen BatchNorm
-and trains layer2..4 only; `--scratch` measures trainable BatchNorm and every layer
-training instead (what training from scratch needs).
+measured at (../shared/reference/measured-here.md): ResNet-18, d=128, 3+3 layers,
+8 heads, ffn 512, 20 queries, 3 classes, 128x128 images with 3 boxes each, batch 16,
+2 threads. The official code's backbone has frozen BatchNorm and trains layer2..4 only;
+`--scratch` measures trainable BatchNorm and every layer training instead (what training
+from scratch needs; the official code has no such mode).
 
-    .venv/bin/python benchmarks/train_speed.py [--scratch] [--steps 30] [--batch 16] [--size 128]
+`--official DIR` takes a checkout of github.com/facebookresearch/detr and times its step
+side by side with ours: iterations alternate, so the machine's noise hits both alike.
+Its model gets our model's weights (the state-dict keys are the same), so the two
+losses on the first batch must agree; the script prints the difference. The official
+step is its main.py/engine.py recipe: AdamW with torch's defaults, clip_grad_norm_ 0.1.
+
+    .venv/bin/python benchmarks/train_speed.py [--official ../detr] [--scratch] [--steps 30] [--batch 16]
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,9 +28,73 @@ from train.criterion import SetCriterion  # noqa: E402
 from train.detr import DETR  # noqa: E402
 from train.engine import GroupDETR, TrainOptions, clip_gradients, optimizer_for  # noqa: E402
 
+LR, LR_BACKBONE = 1e-4, 1e-5  # the official defaults
+
+
+def ours(config: DETRConfig):
+    trainer = GroupDETR(DETR(config).train(), groups=1)
+    criterion = SetCriterion(config.num_classes)
+    optimizer = optimizer_for(trainer, TrainOptions(data="", lr=LR, lr_backbone=LR_BACKBONE))
+
+    def step(images, mask, targets):
+        losses = criterion(trainer(images, mask), targets)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        clip_gradients(trainer, 0.1)
+        optimizer.step()
+        return losses["loss"]
+    return trainer, optimizer, step
+
+
+def official(root: Path, config: DETRConfig, weights: dict):
+    """The official model, matcher and criterion at `config`, built as its build() does."""
+    import torchvision.ops
+    import torchvision.ops.misc
+    # util/misc.py reads torchvision's version as float("0.2") for 0.2x and then imports two
+    # private helpers removed since 0.7; they are only used on a path this step never takes.
+    for module, name in ((torchvision.ops, "_new_empty_tensor"), (torchvision.ops.misc, "_output_size")):
+        if not hasattr(module, name):
+            setattr(module, name, None)
+    sys.path.insert(0, str(root))
+    from models import backbone as official_backbone
+    from models.detr import DETR as OfficialDETR
+    from models.detr import SetCriterion as OfficialCriterion
+    from models.matcher import HungarianMatcher
+    from models.position_encoding import PositionEmbeddingSine
+    from models.transformer import Transformer
+    from util.misc import NestedTensor
+    official_backbone.is_main_process = lambda: False  # it asks for ImageNet weights on rank 0 (a download)
+    body = official_backbone.Backbone(config.backbone, True, False, config.dilation)
+    backbone = official_backbone.Joiner(body, PositionEmbeddingSine(config.hidden_dim // 2, normalize=True))
+    backbone.num_channels = body.num_channels  # as its build_backbone() does
+    transformer = Transformer(config.hidden_dim, config.nheads, config.enc_layers, config.dec_layers,
+                              config.dim_feedforward, config.dropout, normalize_before=config.pre_norm,
+                              return_intermediate_dec=True)
+    model = OfficialDETR(backbone, transformer, config.num_classes, config.num_queries, aux_loss=True).train()
+    model.load_state_dict(weights)
+    weight_dict = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
+    weight_dict.update({f"{k}_{i}": v for i in range(config.dec_layers - 1) for k, v in list(weight_dict.items())})
+    criterion = OfficialCriterion(config.num_classes, HungarianMatcher(1, 5, 2), weight_dict, 0.1,
+                                  ["labels", "boxes", "cardinality"])
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
+        {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
+         "lr": LR_BACKBONE}], lr=LR, weight_decay=1e-4)
+
+    def step(images, mask, targets):
+        loss_dict = criterion(model(NestedTensor(images, mask)), targets)
+        loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        return loss
+    return model, optimizer, step
+
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--official", type=Path, help="a checkout of facebookresearch/detr, timed side by side")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
@@ -31,32 +102,40 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scratch", action="store_true", help="trainable BatchNorm, all layers train")
     args = parser.parse_args()
+    if args.official and args.scratch:
+        parser.error("--scratch has no official counterpart (its backbone always has frozen BatchNorm)")
+    if args.official and not (args.official / "models" / "detr.py").is_file():
+        parser.error(f"{args.official} is not a checkout of facebookresearch/detr (no models/detr.py)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = DETRConfig(backbone="resnet18", frozen_bn=not args.scratch, hidden_dim=128, nheads=8, enc_layers=3,
                         dec_layers=3, dim_feedforward=512, dropout=0.0, num_queries=20, num_classes=3)
-    trainer = GroupDETR(DETR(config).train(), groups=1)
-    model = trainer.model
-    criterion = SetCriterion(3)
-    optimizer = optimizer_for(trainer, TrainOptions(data=""))
     images = torch.randn(args.batch, 3, args.size, args.size)
     mask = torch.zeros(args.batch, args.size, args.size, dtype=torch.bool)
     targets = [{"labels": torch.randint(0, 3, (3,)), "boxes": torch.rand(3, 4) * 0.5 + 0.25} for _ in range(args.batch)]
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        losses = criterion(model(images, mask), targets)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        clip_gradients(trainer, 0.1)
-        optimizer.step()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    median = times[len(times) // 2]
+    trainer, optimizer, step = ours(config)
+    runs = {"detr-edge": step}
+    if args.official:
+        _, _, runs["official"] = official(args.official, config, trainer.model.state_dict())
+        first = {name: run(images, mask, targets).item() for name, run in runs.items()}
+        print(f"same weights, first batch: loss {first['detr-edge']:.6f} (detr-edge) vs {first['official']:.6f} "
+              f"(official), |diff| {abs(first['detr-edge'] - first['official']):.1e}")
+    times = {name: [] for name in runs}
+    for i in range(args.warmup + args.steps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(images, mask, targets)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
     kind = "trainable BN, all layers" if args.scratch else "frozen BN, layer2-4 train (official)"
-    print(f"detr-edge training step ({kind}): median {median * 1000:.0f} ms/step, {args.batch / median:.1f} images/s "
-          f"(batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, torch {torch.__version__})")
+    print(f"training step ({kind}), batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
+          f"torch {torch.__version__}, {args.steps} {'alternating ' if len(runs) > 1 else ''}steps:")
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, value in median.items():
+        print(f"  {name:10s} median {value * 1000:6.0f} ms/step, {args.batch / value:5.1f} images/s "
+              f"(min {min(times[name]) * 1000:.0f}, max {max(times[name]) * 1000:.0f} ms)")
+    if args.official:
+        print(f"  detr-edge step is {median['official'] / median['detr-edge']:.2f}x the official speed")
     # the update alone, side by side: ours (fused AdamW, foreach clipping) against torch's
     # CPU defaults (a Python loop over the parameters), which the official code gets
     params = [p for p in trainer.parameters() if p.grad is not None]
@@ -72,8 +151,8 @@ def main():
                 torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=False)
             opt.step()
             update[name].append(time.perf_counter() - start)
-    ours, default_ms = (sorted(update[k])[15] * 1000 for k in ("ours", "default"))
-    print(f"  update (clipping + AdamW step): {ours:.1f} ms fused, {default_ms:.1f} ms with torch's CPU defaults")
+    ours_ms, default_ms = (statistics.median(update[k]) * 1000 for k in ("ours", "default"))
+    print(f"  update (clipping + AdamW step): {ours_ms:.1f} ms fused, {default_ms:.1f} ms with torch's CPU defaults")
 
 
 if __name__ == "__main__":

@@ -124,3 +124,28 @@ def test_resume_refuses_a_checkpoint_without_training_state(shapes, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == (f"detr-edge: error: {weights}: holds no detr-edge training "
                                                     "state to resume; start from it with --weights")
+
+
+def test_trainer_runs_the_backbone_channels_last_with_the_same_outputs_and_saves_contiguous(tmp_path):
+    import copy
+
+    from conftest import small_config
+    from train.checkpoint import save_checkpoint
+    from train.detr import DETR
+    from train.engine import GroupDETR
+    torch.manual_seed(0)
+    model = DETR(small_config()).eval()
+    plain = copy.deepcopy(model)
+    trainer = GroupDETR(model, groups=1)
+    conv = trainer.model.backbone[0].body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images, mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, :, 64:] = True
+    with torch.no_grad():
+        ours, reference = trainer(images, mask), plain(images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-5, rtol=1e-4)
+    save_checkpoint(tmp_path / "c.pth", model, {})
+    saved = torch.load(tmp_path / "c.pth", weights_only=True)["model"]
+    assert all(v.is_contiguous() for v in saved.values())
+    torch.testing.assert_close(saved["backbone.0.body.conv1.weight"], plain.backbone[0].body.conv1.weight)

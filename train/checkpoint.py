@@ -169,6 +169,8 @@ def load_model(path, num_classes: int | None = None, classes: list[str] | None =
 
 
 def save_checkpoint(path, model: DETR, config: dict, **extra) -> None:
-    """Atomic write of {'model', 'config', **extra}; `model` keys are the official layout."""
+    """Atomic write of {'model', 'config', **extra}; `model` keys are the official layout,
+    its tensors contiguous as in the official files (training keeps the backbone channels-last)."""
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "config": config, **extra}, tmp)
+        torch.save({"model": weights, "config": config, **extra}, tmp)
