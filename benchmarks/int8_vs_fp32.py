@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.floor import gemm_rate  # noqa: E402
 from calibration.data import Samples  # noqa: E402
 from calibration.quantize import QuantOptions, quantize  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
@@ -83,6 +84,9 @@ def main():
     for key, value in median.items():
         print(f"  {key:9s} median {value:8.1f} ms  (min {min(times[key]) * 1000:.1f}, max {max(times[key]) * 1000:.1f})"
               f"  {sizes[key]:6.1f} MiB  speed-up over fp32 {median['fp32'] / value:.2f}x")
+    fp32_rate, int8_rate = gemm_rate(args.threads, "fp32"), gemm_rate(args.threads, "int8")
+    print(f"  this CPU's GEMM (onnxruntime, 2048^3): FP32 {fp32_rate:.0f} GFLOP/s, INT8 {int8_rate:.0f} GOP/s: "
+          f"INT8 arithmetic alone is {int8_rate / fp32_rate:.2f}x FP32's")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Default: detr_r50 (random weights: latency does not depend on them), 640x640, ba
 2 threads, a real letterboxed photo when ../shared/data is present.
 
 It also prints the floor: the model's FLOPs (torch.utils.flop_counter) over this
-machine's FP32 matrix-multiply rate (a 2048^3 MatMul in onnxruntime, same threads), so a
+machine's FP32 matrix-multiply rate (benchmarks/floor.py), so a
 ratio can be read against what the hardware allows.
 
     .venv/bin/python benchmarks/ort_vs_torch.py [--preset detr_r50] [--imgsz 640] [--iters 20] [--threads 2]
@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 import onnxruntime
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.floor import gemm_rate  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
 from runtime.metadata import parse_imgsz, preprocess_spec  # noqa: E402
@@ -79,30 +79,11 @@ def main():
     print(f"  onnxruntime speed-up over PyTorch eager: {median['pytorch'] / median['onnxruntime']:.2f}x")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images, mask)
-    gflop, rate = counter.get_total_flops() / 1e9, matmul_gflops(args.threads)
+    gflop, rate = counter.get_total_flops() / 1e9, gemm_rate(args.threads)
     print(f"  floor: {gflop:.1f} GFLOP at this machine's FP32 MatMul rate of {rate:.0f} GFLOP/s = "
           f"{gflop / rate * 1000:.0f} ms; onnxruntime runs at {gflop / median['onnxruntime'] * 1000:.0f} GFLOP/s "
           f"({gflop / rate * 1000 / median['onnxruntime']:.0%} of it), PyTorch eager at "
           f"{gflop / median['pytorch'] * 1000:.0f} GFLOP/s")
-
-
-def matmul_gflops(threads: int, n: int = 2048) -> float:
-    """The FP32 rate of onnxruntime's own GEMM on this machine: the practical peak."""
-    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n), np.float32), "B")
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul",
-                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
-                              [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])], [weight])
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(helper.make_model(graph).SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
-    feed = {"A": np.random.default_rng(1).standard_normal((n, n), np.float32)}
-    times = []
-    for _ in range(13):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(times[3:]) / 1e9
 
 
 if __name__ == "__main__":
