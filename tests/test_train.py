@@ -149,3 +149,20 @@ def test_trainer_runs_the_backbone_channels_last_with_the_same_outputs_and_saves
     saved = torch.load(tmp_path / "c.pth", weights_only=True)["model"]
     assert all(v.is_contiguous() for v in saved.values())
     torch.testing.assert_close(saved["backbone.0.body.conv1.weight"], plain.backbone[0].body.conv1.weight)
+
+
+def test_class_weight_scales_the_class_term_of_the_loss(shapes, tmp_path):
+    out = tmp_path / "w"
+    assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1", "--eval-every", "0",
+                 "--class-weight", "3"]) == 0
+    rows = read_csv(out / "metrics.csv")
+    for row in rows:
+        layers = [""] + [f"_{i}" for i in range(2)]  # the last decoder layer and the two auxiliary ones
+        total = sum(3 * float(row[f"loss_ce{s}"]) + 5 * float(row[f"loss_bbox{s}"]) + 2 * float(row[f"loss_giou{s}"])
+                    for s in layers)
+        assert abs(float(row["loss"]) - total) < 1e-4 * total, row
+    assert torch.load(out / "last.pth", weights_only=True)["options"]["class_weight"] == 3
+    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--class-weight", "0")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == "detr-edge: error: class weight 0.0: must be > 0"
+    assert not (tmp_path / "bad").exists()

@@ -46,6 +46,8 @@ def register(sub) -> None:
             ("lr-drop", int, "epoch of the x0.1 drop, default 200"), ("warmup", int, "linear warm-up steps"),
             ("zoom", float, "edge recipe: probability of the random zoom-in crop, default 0.5"),
             ("eos-coef", float, "no-object class weight, default 0.1"),
+            ("class-weight", float, "weight of the class term in the loss and the matching cost, default 1 "
+                                    "(the paper's); 2 doubled AP50 of the 15-minute demo"),
             ("groups", int, "Group DETR query groups for faster convergence (training only), default 1"),
             ("eval-every", int, "epochs between COCO evaluations (0: only at the end), default 1"),
             ("save-every", int, "steps between last.pth writes, default 200"),

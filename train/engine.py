@@ -26,6 +26,7 @@ from .criterion import SetCriterion
 from .data import CocoDetection, Transform, collate, find_split
 from .detr import DETR
 from .evaluate import evaluate
+from .matcher import HungarianMatcher
 
 log = logging.getLogger("detr_edge")
 
@@ -49,6 +50,7 @@ class TrainOptions:
     lr_drop: int = 200               # epochs before the x0.1 drop
     warmup: int = 0                  # linear warm-up steps
     eos_coef: float = 0.1
+    class_weight: float = 1.0        # the class term's weight in the loss and in the matching cost
     aux_loss: bool = True
     groups: int = 1                  # Group DETR query groups (training only; the model stays plain DETR)
     contiguous: bool = False         # remap category ids to 0..C-1
@@ -147,6 +149,8 @@ def _lr_factor(opts: TrainOptions, steps_per_epoch: int):
 
 def build(opts: TrainOptions):
     """Datasets, model, config and the checkpoint to resume from (if any)."""
+    if not opts.class_weight > 0:
+        raise UserError(f"class weight {opts.class_weight}: must be > 0")
     train_images, train_ann = find_split(opts.data, "train")
     val_images, val_ann = find_split(opts.data, "val")
     resumed = read_checkpoint(opts.resume)[2] if opts.resume else None
@@ -190,7 +194,8 @@ def train(opts: TrainOptions) -> dict:
     train_set, val_set, model, config, resumed = build(opts)
     device = torch.device(opts.device)
     model.to(device).train()
-    criterion = SetCriterion(model.config.num_classes, eos_coef=opts.eos_coef, aux_loss=opts.aux_loss,
+    criterion = SetCriterion(model.config.num_classes, HungarianMatcher(cost_class=opts.class_weight),
+                             eos_coef=opts.eos_coef, loss_ce=opts.class_weight, aux_loss=opts.aux_loss,
                              groups=opts.groups).to(device)
     trainer = GroupDETR(model, opts.groups).to(device)
     optimizer = optimizer_for(trainer, opts)
