@@ -47,7 +47,7 @@ def register(sub) -> None:
             ("zoom", float, "edge recipe: probability of the random zoom-in crop, default 0.5"),
             ("eos-coef", float, "no-object class weight, default 0.1"),
             ("class-weight", float, "weight of the class term in the loss and the matching cost, default 1 "
-                                    "(the paper's); 2 doubled AP50 of the 15-minute demo"),
+                                    "(the paper's); 2 doubled AP50 of the 15-minute demo recipe"),
             ("groups", int, "Group DETR query groups for faster convergence (training only), default 1"),
             ("eval-every", int, "epochs between COCO evaluations (0: only at the end), default 1"),
             ("save-every", int, "steps between last.pth writes, default 200"),
