@@ -6,8 +6,8 @@ Default: detr_r50 (random weights: latency does not depend on them), 640x640, ba
 2 threads, a real letterboxed photo when ../shared/data is present.
 
 It also prints the floor: the model's FLOPs (torch.utils.flop_counter) over this
-machine's FP32 matrix-multiply rate (benchmarks/floor.py), so a
-ratio can be read against what the hardware allows.
+machine's FP32 matrix-multiply rate (benchmarks/floor.py), so a ratio can be read
+against what the hardware allows.
 
     .venv/bin/python benchmarks/ort_vs_torch.py [--preset detr_r50] [--imgsz 640] [--iters 20] [--threads 2]
 """
