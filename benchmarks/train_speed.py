@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train.config import DETRConfig  # noqa: E402
 from train.criterion import SetCriterion  # noqa: E402
 from train.detr import DETR  # noqa: E402
-from train.engine import GroupDETR, TrainOptions, clip_gradients, optimizer_for  # noqa: E402
+from train.engine import TrainingModel, TrainOptions, clip_gradients, optimizer_for  # noqa: E402
 
 LR, LR_BACKBONE = 1e-4, 1e-5  # the official defaults
 
 
 def ours(config: DETRConfig):
-    trainer = GroupDETR(DETR(config).train(), groups=1)
+    trainer = TrainingModel(DETR(config).train())
     criterion = SetCriterion(config.num_classes)
     optimizer = optimizer_for(trainer, TrainOptions(data="", lr=LR, lr_backbone=LR_BACKBONE))
 

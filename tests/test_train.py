@@ -132,11 +132,11 @@ def test_trainer_runs_the_backbone_channels_last_with_the_same_outputs_and_saves
     from conftest import small_config
     from train.checkpoint import save_checkpoint
     from train.detr import DETR
-    from train.engine import GroupDETR
+    from train.engine import TrainingModel
     torch.manual_seed(0)
     model = DETR(small_config()).eval()
     plain = copy.deepcopy(model)
-    trainer = GroupDETR(model, groups=1)
+    trainer = TrainingModel(model)
     conv = trainer.model.backbone[0].body.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     images, mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
@@ -165,3 +165,29 @@ def test_class_weight_scales_the_class_term_of_the_loss(shapes, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == "detr-edge: error: class weight 0.0: must be > 0"
     assert not (tmp_path / "bad").exists()
+
+
+def test_encoder_head_trains_beside_the_model_and_stays_out_of_its_weights(shapes, tmp_path):
+    from train.detr import DETR
+    from train.engine import TrainOptions, build
+    out = tmp_path / "enc"
+    assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1", "--eval-every", "0",
+                 "--groups", "2", "--encoder-head"]) == 0
+    row = read_csv(out / "metrics.csv")[-1]
+    assert all(float(row[k]) > 0 for k in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"))
+    saved = torch.load(out / "last.pth", weights_only=True)
+    model = build(TrainOptions(data=str(shapes), preset="detr_r18_tiny"))[2]
+    assert isinstance(model, DETR) and saved["model"].keys() == model.state_dict().keys()  # plain DETR
+    parts = saved["training_parts"]
+    assert "group_queries" in parts and {k.split(".")[0] for k in parts} == {"group_queries", "encoder_head"}
+    proc = run_cli("train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
+                   "--groups", "2", "--epochs", "2")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == (
+        f"detr-edge: error: {out / 'last.pth'}: its run trained other training-only parts "
+        f"({', '.join(parts)}); resume with the same --groups and --encoder-head")
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
+                 "--groups", "2", "--encoder-head", "--epochs", "2", "--eval-every", "0"]) == 0
+    resumed = torch.load(out / "last.pth", weights_only=True)
+    assert resumed["epoch"] == 2 and not torch.equal(resumed["training_parts"]["encoder_head.class_embed.weight"],
+                                                     parts["encoder_head.class_embed.weight"])

@@ -1,7 +1,8 @@
 """The set loss: cross-entropy over K+1 classes (the no-object class down-weighted by
 eos_coef), L1 and GIoU on matched pairs normalised by the number of target boxes
 (averaged over processes under DDP), for the last decoder layer and, as auxiliary
-losses with their own matching, every intermediate one."""
+losses with their own matching, every intermediate one. With the training-only encoder
+head (`enc_outputs`), the same three terms on its one-to-many cell assignment."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
+from .encoder_head import assign_cells
 from .matcher import HungarianMatcher
 
 
@@ -27,8 +29,9 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def _num_boxes(self, targets, device) -> float:
-        num = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    @staticmethod
+    def _normaliser(count: int, device) -> float:
+        num = torch.tensor(float(count), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num)
             num = num / dist.get_world_size()
@@ -63,13 +66,14 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
         """-> {'loss': weighted total, 'loss_ce', 'loss_bbox', 'loss_giou', 'class_error',
-        'cardinality_error', and 'loss_ce_0', ... for each auxiliary layer}."""
+        'cardinality_error', 'loss_ce_0', ... for each auxiliary layer, and 'loss_ce_enc', ...
+        for the encoder head}."""
         layers = [outputs] + (outputs["aux_outputs"] if self.aux_loss else [])
         # [layers * groups, B, N, ...]: every (layer, group) is matched in one matcher call
         logits = torch.cat([o["pred_logits"].unflatten(1, (self.groups, -1)).transpose(0, 1) for o in layers])
         boxes = torch.cat([o["pred_boxes"].unflatten(1, (self.groups, -1)).transpose(0, 1) for o in layers])
         indices = self.matcher(logits, boxes, targets)
-        num_boxes = self._num_boxes(targets, logits.device)
+        num_boxes = self._normaliser(sum(len(t["labels"]) for t in targets), logits.device)
         losses, total = {}, 0.0
         for i, (layer_logits, layer_boxes, layer_indices) in enumerate(zip(logits, boxes, indices)):
             layer = i // self.groups
@@ -79,6 +83,14 @@ class SetCriterion(nn.Module):
                 losses.update(self._logged(layer_logits, parts["_matched_logits"], parts["_matched_labels"], targets))
             for name, weight in self.weights.items():
                 losses[name + suffix] = losses.get(name + suffix, 0.0) + parts[name]  # summed over groups
+                total = total + weight * parts[name]
+        if "enc_outputs" in outputs:
+            enc = outputs["enc_outputs"]
+            cells = assign_cells(enc["centres"], enc["valid"], targets)
+            parts = self._layer_losses(enc["pred_logits"], enc["pred_boxes"], targets, cells,
+                                       self._normaliser(sum(len(c) for c, _ in cells), logits.device))
+            for name, weight in self.weights.items():
+                losses[name + "_enc"] = parts[name]
                 total = total + weight * parts[name]
         losses["loss"] = total
         return losses

@@ -45,7 +45,8 @@ class DETR(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
                 group_queries: torch.Tensor | None = None) -> dict:
         """images [B,3,H,W], mask [B,H,W] (True = padding) -> {'pred_logits' [B,N,K+1],
-        'pred_boxes' [B,N,4] cxcywh in [0,1] of the unpadded image, 'aux_outputs': [...]}.
+        'pred_boxes' [B,N,4] cxcywh in [0,1] of the unpadded image, 'aux_outputs': [...],
+        'memory' [B,d,h,w] (the encoder's output), 'memory_mask' [B,h,w]}.
 
         `group_queries` [(G-1)*N, d] (training only, Group DETR): extra query groups decoded
         beside the model's own, each blind to the others, so outputs have G*N queries."""
@@ -58,11 +59,12 @@ class DETR(nn.Module):
                                device=queries.device)
             self_attn_mask = ~torch.block_diag(*[block] * (queries.shape[0] // self.config.num_queries))
         features, mask, pos = self.backbone(images, mask)
-        hs = self.transformer(self.input_proj(features), mask, queries, pos, self_attn_mask)[0]
+        hs, memory = self.transformer(self.input_proj(features), mask, queries, pos, self_attn_mask)
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
-                "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]}
+                "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
+                "memory": memory, "memory_mask": mask}
 
 
 def class_scores(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

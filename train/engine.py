@@ -25,6 +25,7 @@ from .config import DETRConfig, checkpoint_config, preset
 from .criterion import SetCriterion
 from .data import CocoDetection, Transform, collate, find_split
 from .detr import DETR
+from .encoder_head import EncoderHead
 from .evaluate import evaluate
 from .matcher import HungarianMatcher
 
@@ -53,6 +54,7 @@ class TrainOptions:
     class_weight: float = 1.0        # the class term's weight in the loss and in the matching cost
     aux_loss: bool = True
     groups: int = 1                  # Group DETR query groups (training only; the model stays plain DETR)
+    encoder_head: bool = False       # one-to-many encoder supervision (training only; ditto)
     contiguous: bool = False         # remap category ids to 0..C-1
     eval_every: int = 1              # epochs; 0 = only at the end
     save_every: int = 200            # steps between last.pth writes inside an epoch
@@ -83,25 +85,41 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.batches - self.start_batch) * self.batch_size
 
 
-class GroupDETR(torch.nn.Module):
-    """Training-time wrapper for Group DETR (Chen et al. 2023): G-1 extra groups of learned
-    queries decoded beside the model's own, blind to each other, each matched one-to-one.
-    More positive matches per image speed up convergence; the groups are dropped after
-    training, so checkpoints and exports are plain DETR (the groups are kept beside the
-    weights under 'group_queries' only to resume).
+class TrainingModel(torch.nn.Module):
+    """The model plus its training-only parts, which speed up convergence and are dropped
+    after training, so checkpoints and exports are plain DETR (the parts are kept beside
+    the weights under 'training_parts' only to resume):
+    - Group DETR (Chen et al. 2023): G-1 extra groups of learned queries decoded beside the
+      model's own, blind to each other, each matched one-to-one;
+    - the encoder head (train/encoder_head.py): one-to-many supervision of the encoder.
 
     The backbone trains in channels-last memory order: 4% faster steps on CPUs (measured
     side by side, benchmarks/train_speed.py), the same values."""
 
-    def __init__(self, model: DETR, groups: int):
+    def __init__(self, model: DETR, groups: int = 1, encoder_head: bool = False):
         super().__init__()
         self.model = model
         model.backbone.to(memory_format=torch.channels_last)
         extra = (groups - 1) * model.config.num_queries
         self.group_queries = torch.nn.Parameter(torch.randn(extra, model.config.hidden_dim)) if extra else None
+        self.encoder_head = (EncoderHead(model.config.hidden_dim, model.config.num_classes) if encoder_head
+                             else None)
 
     def forward(self, images, mask):
-        return self.model(images.contiguous(memory_format=torch.channels_last), mask, self.group_queries)
+        out = self.model(images.contiguous(memory_format=torch.channels_last), mask, self.group_queries)
+        if self.encoder_head is not None:
+            out["enc_outputs"] = self.encoder_head(out["memory"], out["memory_mask"])
+        return out
+
+    def training_parts(self) -> dict:
+        return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def load_training_parts(self, parts: dict, source) -> None:
+        mine = self.training_parts()
+        if {k: v.shape for k, v in parts.items()} != {k: v.shape for k, v in mine.items()}:
+            raise UserError(f"{source}: its run trained other training-only parts ({', '.join(parts) or 'none'}); "
+                            "resume with the same --groups and --encoder-head")
+        self.load_state_dict(parts, strict=False)
 
 
 def _distributed() -> tuple[int, int]:
@@ -112,7 +130,7 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _param_groups(trainer: GroupDETR, opts: TrainOptions):
+def _param_groups(trainer: TrainingModel, opts: TrainOptions):
     """Backbone at lr_backbone (a pretrained, frozen-BN backbone trains layer2..4 only, as
     the official code); the rest at lr."""
     backbone, rest = [], []
@@ -128,13 +146,13 @@ def _param_groups(trainer: GroupDETR, opts: TrainOptions):
     return [{"params": rest, "lr": opts.lr}, {"params": backbone, "lr": opts.lr_backbone}]
 
 
-def optimizer_for(trainer: GroupDETR, opts: TrainOptions) -> torch.optim.AdamW:
+def optimizer_for(trainer: TrainingModel, opts: TrainOptions) -> torch.optim.AdamW:
     """AdamW over `_param_groups`, fused: one kernel for all parameters, where torch's
     default on CPUs loops over them in Python (10% of a CPU training step, profiled)."""
     return torch.optim.AdamW(_param_groups(trainer, opts), lr=opts.lr, weight_decay=opts.weight_decay, fused=True)
 
 
-def clip_gradients(trainer: GroupDETR, max_norm: float) -> None:
+def clip_gradients(trainer: TrainingModel, max_norm: float) -> None:
     torch.nn.utils.clip_grad_norm_([p for p in trainer.parameters() if p.grad is not None], max_norm, foreach=True)
 
 
@@ -197,15 +215,14 @@ def train(opts: TrainOptions) -> dict:
     criterion = SetCriterion(model.config.num_classes, HungarianMatcher(cost_class=opts.class_weight),
                              eos_coef=opts.eos_coef, loss_ce=opts.class_weight, aux_loss=opts.aux_loss,
                              groups=opts.groups).to(device)
-    trainer = GroupDETR(model, opts.groups).to(device)
+    trainer = TrainingModel(model, opts.groups, opts.encoder_head).to(device)
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(opts, sampler.batches))
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and device.type == "cuda")
     epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
     if resumed:
-        if resumed.get("group_queries") is not None and trainer.group_queries is not None:
-            trainer.group_queries.data.copy_(resumed["group_queries"])
+        trainer.load_training_parts(resumed.get("training_parts", {}), opts.resume)
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["lr_scheduler"])
         epoch, step_in_epoch = resumed["epoch"], resumed["step_in_epoch"]
@@ -230,7 +247,7 @@ def train(opts: TrainOptions) -> dict:
                             epoch=epoch + 1 if finished_epoch else epoch,
                             step_in_epoch=0 if finished_epoch else step_in_epoch,
                             global_step=global_step, best_ap=best_ap, rng=_rng_state(),
-                            group_queries=None if trainer.group_queries is None else trainer.group_queries.detach(),
+                            training_parts=trainer.training_parts(),
                             options={k: v for k, v in asdict(opts).items() if v is not None}, metrics=metrics)
 
     out_of_time = False

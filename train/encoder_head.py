@@ -1,0 +1,62 @@
+"""Training-only dense supervision of the encoder, after the auxiliary heads of Co-DETR
+(Zong et al., "DETRs with Collaborative Hybrid Assignments Training", 2023).
+
+A class head and a box head read every encoder cell; each cell whose centre lies inside a
+target box (the smallest, where boxes overlap), and the cell nearest each box centre,
+learns that box: one-to-many, where the decoder's matching is one-to-one. The encoder
+then learns where the objects are long before the decoder's matching settles, which
+shortens DETR's plateau (AP50 0.44 against 0.23 after 15 minutes of the CPU demo recipe,
+docs/training.md). The head is dropped after training: checkpoints and exports are plain
+DETR."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+
+from .detr import MLP
+
+
+class EncoderHead(nn.Module):
+    def __init__(self, hidden_dim: int, num_classes: int):
+        super().__init__()
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+
+    def forward(self, memory: torch.Tensor, mask: torch.Tensor) -> dict:
+        """memory [B,C,h,w], mask [B,h,w] (True = padding) -> {'pred_logits' [B,h*w,K+1],
+        'pred_boxes' [B,h*w,4] cxcywh, 'centres' [B,h*w,2] xy, 'valid' [B,h*w]}. Box centres
+        are predicted relative to the cell's own centre; all coordinates are fractions of the
+        unpadded image, as the targets' (padding is bottom/right)."""
+        valid = ~mask
+        ys = (valid.cumsum(1) - 0.5) / valid.sum(1, keepdim=True).clamp(min=1)
+        xs = (valid.cumsum(2) - 0.5) / valid.sum(2, keepdim=True).clamp(min=1)
+        centres = torch.stack([xs, ys], -1).flatten(1, 2).to(memory.dtype)
+        cells = memory.flatten(2).transpose(1, 2)
+        raw = self.bbox_embed(cells)
+        xy = (raw[..., :2] + torch.logit(centres.clamp(1e-4, 1 - 1e-4))).sigmoid()
+        return {"pred_logits": self.class_embed(cells), "pred_boxes": torch.cat([xy, raw[..., 2:].sigmoid()], -1),
+                "centres": centres, "valid": valid.flatten(1)}
+
+
+@torch.no_grad()
+def assign_cells(centres: torch.Tensor, valid: torch.Tensor, targets: list[dict]):
+    """One-to-many assignment -> per image (cell indices, target indices): the valid cells
+    whose centre lies inside a box, plus the cell nearest each box centre; a cell inside
+    several boxes takes the smallest."""
+    indices = []
+    for b, t in enumerate(targets):
+        if not len(t["labels"]):
+            empty = torch.empty(0, dtype=torch.int64, device=centres.device)
+            indices.append((empty, empty))
+            continue
+        x1, y1, x2, y2 = box_convert(t["boxes"], "cxcywh", "xyxy").unbind(-1)
+        cx, cy = centres[b, :, :1], centres[b, :, 1:]
+        inside = (cx > x1) & (cx < x2) & (cy > y1) & (cy < y2)  # [cells, targets]
+        nearest = torch.cdist(t["boxes"][:, :2], centres[b]).masked_fill(~valid[b], float("inf")).argmin(1)
+        inside[nearest, torch.arange(len(nearest), device=inside.device)] = True
+        inside &= valid[b, :, None]
+        area = (t["boxes"][:, 2] * t["boxes"][:, 3]).expand_as(inside).masked_fill(~inside, float("inf"))
+        cells = inside.any(1).nonzero()[:, 0]
+        indices.append((cells, area[cells].argmin(1)))
+    return indices
