@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := demo-out
-DEMO_MINUTES ?= 10
+DEMO_MINUTES ?= 15
 
 .PHONY: demo test test-gpu venv clean
 

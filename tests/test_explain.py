@@ -124,7 +124,7 @@ DEMO_CHECKPOINT = Path(os.environ.get("DETR_EDGE_DEMO_CHECKPOINT", ROOT / "demo-
 
 
 @pytest.mark.skipif(not DEMO_CHECKPOINT.exists(),
-                    reason=f"no demo model at {DEMO_CHECKPOINT}: `make demo` trains it (10 min), or set "
+                    reason=f"no demo model at {DEMO_CHECKPOINT}: `make demo` trains it (15 min), or set "
                            "DETR_EDGE_DEMO_CHECKPOINT")
 def test_detecting_query_attends_to_its_object_on_the_demo_model():
     """On one-object scenes the demo model detects (IoU >= 0.5), the hottest cell of the
