@@ -172,9 +172,12 @@ def test_encoder_head_trains_beside_the_model_and_stays_out_of_its_weights(shape
     from train.engine import TrainOptions, build
     out = tmp_path / "enc"
     assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1", "--eval-every", "0",
-                 "--groups", "2", "--encoder-head"]) == 0
-    row = read_csv(out / "metrics.csv")[-1]
-    assert all(float(row[k]) > 0 for k in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"))
+                 "--groups", "2", "--encoder-head", "2"]) == 0
+    weights = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
+    for row in read_csv(out / "metrics.csv"):  # decoder layers, then the encoder head's terms weighted 2
+        decoder = sum(w * float(row[k + s]) for k, w in weights.items() for s in ["", "_0", "_1"])
+        encoder = sum(w * float(row[k + "_enc"]) for k, w in weights.items())
+        assert encoder > 0 and abs(float(row["loss"]) - decoder - 2 * encoder) < 1e-4 * float(row["loss"]), row
     saved = torch.load(out / "last.pth", weights_only=True)
     model = build(TrainOptions(data=str(shapes), preset="detr_r18_tiny"))[2]
     assert isinstance(model, DETR) and saved["model"].keys() == model.state_dict().keys()  # plain DETR
@@ -186,6 +189,9 @@ def test_encoder_head_trains_beside_the_model_and_stays_out_of_its_weights(shape
     assert proc.returncode == 2 and err.strip() == (
         f"detr-edge: error: {out / 'last.pth'}: its run trained other training-only parts "
         f"({', '.join(parts)}); resume with the same --groups and --encoder-head")
+    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--encoder-head", "-1")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == "detr-edge: error: encoder head weight -1.0: must be >= 0"
     assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
                  "--groups", "2", "--encoder-head", "--epochs", "2", "--eval-every", "0"]) == 0
     resumed = torch.load(out / "last.pth", weights_only=True)

@@ -18,8 +18,9 @@ from .matcher import HungarianMatcher
 class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, eos_coef: float = 0.1,
                  loss_ce: float = 1.0, loss_bbox: float = 5.0, loss_giou: float = 2.0, aux_loss: bool = True,
-                 groups: int = 1):
+                 groups: int = 1, encoder_weight: float = 1.0):
         super().__init__()
+        self.encoder_weight = encoder_weight  # scales the encoder head's terms (their own weights as above)
         self.groups = groups  # Group DETR: each group of queries matched one-to-one on its own
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher()
@@ -91,6 +92,6 @@ class SetCriterion(nn.Module):
                                        self._normaliser(sum(len(c) for c, _ in cells), logits.device))
             for name, weight in self.weights.items():
                 losses[name + "_enc"] = parts[name]
-                total = total + weight * parts[name]
+                total = total + self.encoder_weight * weight * parts[name]
         losses["loss"] = total
         return losses

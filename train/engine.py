@@ -54,7 +54,7 @@ class TrainOptions:
     class_weight: float = 1.0        # the class term's weight in the loss and in the matching cost
     aux_loss: bool = True
     groups: int = 1                  # Group DETR query groups (training only; the model stays plain DETR)
-    encoder_head: bool = False       # one-to-many encoder supervision (training only; ditto)
+    encoder_head: float = 0.0        # weight of the one-to-many encoder head's loss (training only); 0 = none
     contiguous: bool = False         # remap category ids to 0..C-1
     eval_every: int = 1              # epochs; 0 = only at the end
     save_every: int = 200            # steps between last.pth writes inside an epoch
@@ -169,6 +169,8 @@ def build(opts: TrainOptions):
     """Datasets, model, config and the checkpoint to resume from (if any)."""
     if not opts.class_weight > 0:
         raise UserError(f"class weight {opts.class_weight}: must be > 0")
+    if not opts.encoder_head >= 0:
+        raise UserError(f"encoder head weight {opts.encoder_head}: must be >= 0")
     train_images, train_ann = find_split(opts.data, "train")
     val_images, val_ann = find_split(opts.data, "val")
     resumed = read_checkpoint(opts.resume)[2] if opts.resume else None
@@ -214,8 +216,8 @@ def train(opts: TrainOptions) -> dict:
     model.to(device).train()
     criterion = SetCriterion(model.config.num_classes, HungarianMatcher(cost_class=opts.class_weight),
                              eos_coef=opts.eos_coef, loss_ce=opts.class_weight, aux_loss=opts.aux_loss,
-                             groups=opts.groups).to(device)
-    trainer = TrainingModel(model, opts.groups, opts.encoder_head).to(device)
+                             groups=opts.groups, encoder_weight=opts.encoder_head).to(device)
+    trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0).to(device)
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(opts, sampler.batches))
