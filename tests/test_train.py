@@ -16,6 +16,7 @@ from train.synth import synthesize
 from conftest import ROOT
 
 TINY = ["--preset", "detr_r18_tiny", "--imgsz", "64", "--batch-size", "8", "--workers", "0"]
+DECODER_LAYERS = ["", "_0", "_1"]  # the logged last decoder layer of detr_r18_tiny and its two auxiliary ones
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,13 @@ def shapes(tmp_path_factory):
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def weighted_loss(row, suffixes, class_weight=1.0):
+    """The set loss's terms of the logged `suffixes` (decoder layers: "", "_0", ...; the
+    encoder head: "_enc") with their weights: class, L1 5, GIoU 2."""
+    return sum(class_weight * float(row[f"loss_ce{s}"]) + 5 * float(row[f"loss_bbox{s}"])
+               + 2 * float(row[f"loss_giou{s}"]) for s in suffixes)
 
 
 def run_cli(*args, **kwargs):
@@ -155,10 +163,8 @@ def test_class_weight_scales_the_class_term_of_the_loss(shapes, tmp_path):
     out = tmp_path / "w"
     assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1", "--eval-every", "0",
                  "--class-weight", "3"]) == 0
-    layers = ["", "_0", "_1"]  # the last decoder layer of detr_r18_tiny and its two auxiliary ones
     for row in read_csv(out / "metrics.csv"):
-        total = sum(3 * float(row[f"loss_ce{s}"]) + 5 * float(row[f"loss_bbox{s}"]) + 2 * float(row[f"loss_giou{s}"])
-                    for s in layers)
+        total = weighted_loss(row, DECODER_LAYERS, class_weight=3)
         assert abs(float(row["loss"]) - total) < 1e-4 * total, row
     assert torch.load(out / "last.pth", weights_only=True)["options"]["class_weight"] == 3
     proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--class-weight", "0")
@@ -173,10 +179,8 @@ def test_encoder_head_trains_beside_the_model_and_stays_out_of_its_weights(shape
     out = tmp_path / "enc"
     assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1", "--eval-every", "0",
                  "--groups", "2", "--encoder-head", "2"]) == 0
-    weights = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
     for row in read_csv(out / "metrics.csv"):  # decoder layers, then the encoder head's terms weighted 2
-        decoder = sum(w * float(row[k + s]) for k, w in weights.items() for s in ["", "_0", "_1"])
-        encoder = sum(w * float(row[k + "_enc"]) for k, w in weights.items())
+        decoder, encoder = weighted_loss(row, DECODER_LAYERS), weighted_loss(row, ["_enc"])
         assert encoder > 0 and abs(float(row["loss"]) - decoder - 2 * encoder) < 1e-4 * float(row["loss"]), row
     saved = torch.load(out / "last.pth", weights_only=True)
     model = build(TrainOptions(data=str(shapes), preset="detr_r18_tiny"))[2]

@@ -112,7 +112,7 @@ class TrainingModel(torch.nn.Module):
         return out
 
     def training_parts(self) -> dict:
-        return {k: v.detach() for k, v in self.state_dict().items() if not k.startswith("model.")}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}  # detached
 
     def load_training_parts(self, parts: dict, source) -> None:
         mine = self.training_parts()
