@@ -173,31 +173,37 @@ def test_class_weight_scales_the_class_term_of_the_loss(shapes, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_encoder_head_trains_beside_the_model_and_stays_out_of_its_weights(shapes, tmp_path):
+def test_dense_heads_train_beside_the_model_and_stay_out_of_its_weights(shapes, tmp_path):
     from train.detr import DETR
     from train.engine import TrainOptions, build
     out = tmp_path / "enc"
+    heads = ["--groups", "2", "--encoder-head", "2", "--backbone-head", "layer3"]
     assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1", "--eval-every", "0",
-                 "--groups", "2", "--encoder-head", "2"]) == 0
-    for row in read_csv(out / "metrics.csv"):  # decoder layers, then the encoder head's terms weighted 2
-        decoder, encoder = weighted_loss(row, DECODER_LAYERS), weighted_loss(row, ["_enc"])
-        assert encoder > 0 and abs(float(row["loss"]) - decoder - 2 * encoder) < 1e-4 * float(row["loss"]), row
+                 *heads]) == 0
+    for row in read_csv(out / "metrics.csv"):  # decoder layers, then the dense heads' terms weighted 2
+        decoder, dense = weighted_loss(row, DECODER_LAYERS), weighted_loss(row, ["_enc", "_layer3"])
+        assert float(row["loss_ce_layer3"]) > 0 and abs(float(row["loss"]) - decoder - 2 * dense) < 1e-4 * float(
+            row["loss"]), row
     saved = torch.load(out / "last.pth", weights_only=True)
     model = build(TrainOptions(data=str(shapes), preset="detr_r18_tiny"))[2]
     assert isinstance(model, DETR) and saved["model"].keys() == model.state_dict().keys()  # plain DETR
     parts = saved["training_parts"]
-    assert "group_queries" in parts and {k.split(".")[0] for k in parts} == {"group_queries", "encoder_head"}
-    proc = run_cli("train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
-                   "--groups", "2", "--epochs", "2")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and err.strip() == (
-        f"detr-edge: error: {out / 'last.pth'}: its run trained other training-only parts "
-        f"({', '.join(parts)}); resume with the same --groups and --encoder-head")
-    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--encoder-head", "-1")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and err.strip() == "detr-edge: error: encoder head weight -1.0: must be >= 0"
+    assert {k.split(".")[0] for k in parts} == {"group_queries", "encoder_head", "backbone_heads"}
+    assert parts["backbone_heads.layer3.proj.weight"].shape == (128, 256, 1, 1)  # ResNet-18 layer3 -> d
+    for flags, error in [
+            (["--resume", str(out / "last.pth"), *TINY[4:], "--groups", "2", "--encoder-head", "--epochs", "2"],
+             f"{out / 'last.pth'}: its run trained other training-only parts ({', '.join(parts)}); "
+             "resume with the same --groups, --encoder-head and --backbone-head"),
+            (["--encoder-head", "-1"], "encoder head weight -1.0: must be >= 0"),
+            (["--backbone-head", "layer3"], "--backbone-head needs --encoder-head (whose W weights every dense head)"),
+            (["--encoder-head", "--backbone-head", "layer3,layer4"],
+             "--backbone-head layer4: choose from layer2, layer3")]:
+        proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), *flags)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and err.strip() == f"detr-edge: error: {error}"
+    assert not (tmp_path / "bad").exists()
     assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
-                 "--groups", "2", "--encoder-head", "--epochs", "2", "--eval-every", "0"]) == 0
+                 *heads, "--epochs", "2", "--eval-every", "0"]) == 0
     resumed = torch.load(out / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2 and not torch.equal(resumed["training_parts"]["encoder_head.class_embed.weight"],
                                                      parts["encoder_head.class_embed.weight"])

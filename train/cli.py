@@ -59,6 +59,10 @@ def register(sub) -> None:
                    help="one-to-many class and box supervision of every encoder cell, its loss weighted W "
                         "(default 1 when given; Co-DETR's auxiliary heads; training only, checkpoints stay "
                         "plain DETR): 1.9x AP50 of the 15-minute demo recipe with W 1")
+    p.add_argument("--backbone-head", metavar="LEVELS",
+                   help="the same head also on these backbone levels, comma-separated: layer2 (stride 8), "
+                        "layer3 (stride 16) (Co-DETR's multi-scale auxiliary heads; needs --encoder-head, "
+                        "whose W weights it)")
     p.add_argument("--contiguous-ids", dest="contiguous", action="store_true", default=None,
                    help="remap category ids to 0..C-1 (custom datasets with sparse ids)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")
@@ -149,6 +153,8 @@ def _train(args) -> None:
     given = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__ and v is not None}
     if "imgsz" in given:
         given["imgsz"] = parse_imgsz(given["imgsz"])
+    if "backbone_head" in given:
+        given["backbone_head"] = tuple(level.strip() for level in given["backbone_head"].split(",") if level.strip())
     metrics = train(TrainOptions(**given))
     if metrics:
         log.info("final: AP %.3f, AP50 %.3f; checkpoints in %s/", metrics["AP"], metrics["AP50"], args.out)

@@ -1,8 +1,8 @@
 """The set loss: cross-entropy over K+1 classes (the no-object class down-weighted by
 eos_coef), L1 and GIoU on matched pairs normalised by the number of target boxes
 (averaged over processes under DDP), for the last decoder layer and, as auxiliary
-losses with their own matching, every intermediate one. With the training-only encoder
-head (`enc_outputs`), the same three terms on its one-to-many cell assignment."""
+losses with their own matching, every intermediate one. With the training-only dense
+heads (`dense_outputs`), the same three terms on each one's one-to-many cell assignment."""
 from __future__ import annotations
 
 import torch
@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
-from .encoder_head import assign_cells
+from .dense_head import assign_cells
 from .matcher import HungarianMatcher
 
 
 class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: HungarianMatcher | None = None, eos_coef: float = 0.1,
                  loss_ce: float = 1.0, loss_bbox: float = 5.0, loss_giou: float = 2.0, aux_loss: bool = True,
-                 groups: int = 1, encoder_weight: float = 1.0):
+                 groups: int = 1, dense_weight: float = 1.0):
         super().__init__()
-        self.encoder_weight = encoder_weight  # scales the encoder head's terms (their own weights as above)
+        self.dense_weight = dense_weight  # scales the dense heads' terms (their own weights as above)
         self.groups = groups  # Group DETR: each group of queries matched one-to-one on its own
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher()
@@ -67,8 +67,8 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
         """-> {'loss': weighted total, 'loss_ce', 'loss_bbox', 'loss_giou', 'class_error',
-        'cardinality_error', 'loss_ce_0', ... for each auxiliary layer, and 'loss_ce_enc', ...
-        for the encoder head}."""
+        'cardinality_error', 'loss_ce_0', ... for each auxiliary layer, and 'loss_ce_enc',
+        'loss_ce_layer3', ... for each dense head}."""
         layers = [outputs] + (outputs["aux_outputs"] if self.aux_loss else [])
         # [layers * groups, B, N, ...]: every (layer, group) is matched in one matcher call
         logits = torch.cat([o["pred_logits"].unflatten(1, (self.groups, -1)).transpose(0, 1) for o in layers])
@@ -85,13 +85,12 @@ class SetCriterion(nn.Module):
             for name, weight in self.weights.items():
                 losses[name + suffix] = losses.get(name + suffix, 0.0) + parts[name]  # summed over groups
                 total = total + weight * parts[name]
-        if "enc_outputs" in outputs:
-            enc = outputs["enc_outputs"]
-            cells = assign_cells(enc["centres"], enc["valid"], targets)
-            parts = self._layer_losses(enc["pred_logits"], enc["pred_boxes"], targets, cells,
+        for name, dense in outputs.get("dense_outputs", {}).items():
+            cells = assign_cells(dense["centres"], dense["valid"], targets)
+            parts = self._layer_losses(dense["pred_logits"], dense["pred_boxes"], targets, cells,
                                        self._normaliser(sum(len(c) for c, _ in cells), logits.device))
-            for name, weight in self.weights.items():
-                losses[name + "_enc"] = parts[name]
-                total = total + self.encoder_weight * weight * parts[name]
+            for term, weight in self.weights.items():
+                losses[f"{term}_{name}"] = parts[term]
+                total = total + self.dense_weight * weight * parts[term]
         losses["loss"] = total
         return losses

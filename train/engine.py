@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime.errors import UserError
@@ -24,8 +25,8 @@ from .checkpoint import load_model, read_checkpoint, save_checkpoint
 from .config import DETRConfig, checkpoint_config, preset
 from .criterion import SetCriterion
 from .data import CocoDetection, Transform, collate, find_split
+from .dense_head import BACKBONE_HEAD_LEVELS, DenseHead
 from .detr import DETR
-from .encoder_head import EncoderHead
 from .evaluate import evaluate
 from .matcher import HungarianMatcher
 
@@ -54,7 +55,8 @@ class TrainOptions:
     class_weight: float = 1.0        # the class term's weight in the loss and in the matching cost
     aux_loss: bool = True
     groups: int = 1                  # Group DETR query groups (training only; the model stays plain DETR)
-    encoder_head: float = 0.0        # weight of the one-to-many encoder head's loss (training only); 0 = none
+    encoder_head: float = 0.0        # weight of the one-to-many dense heads' loss (training only); 0 = none
+    backbone_head: tuple = ()        # backbone levels (layer2, layer3) that get a dense head too
     contiguous: bool = False         # remap category ids to 0..C-1
     eval_every: int = 1              # epochs; 0 = only at the end
     save_every: int = 200            # steps between last.pth writes inside an epoch
@@ -91,24 +93,40 @@ class TrainingModel(torch.nn.Module):
     the weights under 'training_parts' only to resume):
     - Group DETR (Chen et al. 2023): G-1 extra groups of learned queries decoded beside the
       model's own, blind to each other, each matched one-to-one;
-    - the encoder head (train/encoder_head.py): one-to-many supervision of the encoder.
+    - dense heads (train/dense_head.py): one-to-many supervision of the encoder's cells
+      and, optionally, of backbone levels (read by forward hooks, so DETR stays untouched).
 
     The backbone trains in channels-last memory order: 4% faster steps on CPUs (measured
     side by side, benchmarks/train_speed.py), the same values."""
 
-    def __init__(self, model: DETR, groups: int = 1, encoder_head: bool = False):
+    def __init__(self, model: DETR, groups: int = 1, encoder_head: bool = False, backbone_head=()):
         super().__init__()
         self.model = model
         model.backbone.to(memory_format=torch.channels_last)
         extra = (groups - 1) * model.config.num_queries
         self.group_queries = torch.nn.Parameter(torch.randn(extra, model.config.hidden_dim)) if extra else None
-        self.encoder_head = (EncoderHead(model.config.hidden_dim, model.config.num_classes) if encoder_head
-                             else None)
+        d, classes = model.config.hidden_dim, model.config.num_classes
+        self.encoder_head = DenseHead(d, classes) if encoder_head else None
+        body, self._levels = model.backbone[0].body, {}
+        self.backbone_heads = torch.nn.ModuleDict()
+        for level in backbone_head:
+            layer = getattr(body, level)
+            channels = [m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
+            self.backbone_heads[level] = DenseHead(d, classes, in_channels=channels)
+            layer.register_forward_hook(lambda _module, _inputs, output, level=level:
+                                        self._levels.__setitem__(level, output))
 
     def forward(self, images, mask):
         out = self.model(images.contiguous(memory_format=torch.channels_last), mask, self.group_queries)
+        dense = {}
         if self.encoder_head is not None:
-            out["enc_outputs"] = self.encoder_head(out["memory"], out["memory_mask"])
+            dense["enc"] = self.encoder_head(out["memory"], out["memory_mask"])
+        for level, head in self.backbone_heads.items():
+            features = self._levels.pop(level)
+            level_mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+            dense[level] = head(features, level_mask)
+        if dense:
+            out["dense_outputs"] = dense
         return out
 
     def training_parts(self) -> dict:
@@ -118,7 +136,7 @@ class TrainingModel(torch.nn.Module):
         mine = self.training_parts()
         if {k: v.shape for k, v in parts.items()} != {k: v.shape for k, v in mine.items()}:
             raise UserError(f"{source}: its run trained other training-only parts ({', '.join(parts) or 'none'}); "
-                            "resume with the same --groups and --encoder-head")
+                            "resume with the same --groups, --encoder-head and --backbone-head")
         self.load_state_dict(parts, strict=False)
 
 
@@ -171,6 +189,11 @@ def build(opts: TrainOptions):
         raise UserError(f"class weight {opts.class_weight}: must be > 0")
     if not opts.encoder_head >= 0:
         raise UserError(f"encoder head weight {opts.encoder_head}: must be >= 0")
+    unknown = set(opts.backbone_head) - set(BACKBONE_HEAD_LEVELS)
+    if unknown:
+        raise UserError(f"--backbone-head {','.join(sorted(unknown))}: choose from {', '.join(BACKBONE_HEAD_LEVELS)}")
+    if opts.backbone_head and not opts.encoder_head:
+        raise UserError("--backbone-head needs --encoder-head (whose W weights every dense head)")
     train_images, train_ann = find_split(opts.data, "train")
     val_images, val_ann = find_split(opts.data, "val")
     resumed = read_checkpoint(opts.resume)[2] if opts.resume else None
@@ -216,8 +239,8 @@ def train(opts: TrainOptions) -> dict:
     model.to(device).train()
     criterion = SetCriterion(model.config.num_classes, HungarianMatcher(cost_class=opts.class_weight),
                              eos_coef=opts.eos_coef, loss_ce=opts.class_weight, aux_loss=opts.aux_loss,
-                             groups=opts.groups, encoder_weight=opts.encoder_head).to(device)
-    trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0).to(device)
+                             groups=opts.groups, dense_weight=opts.encoder_head).to(device)
+    trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head).to(device)
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(opts, sampler.batches))

@@ -1,16 +1,16 @@
-"""The training-only encoder head: its one-to-many cell assignment, its loss terms, and
-that it stays out of the model's weights."""
+"""The training-only dense heads (encoder and backbone levels): their one-to-many cell
+assignment, their loss terms, and that they leave the model's outputs untouched."""
 import torch
 
 from train.criterion import SetCriterion
-from train.encoder_head import EncoderHead, assign_cells
+from train.dense_head import DenseHead, assign_cells
 
 
 def head_on_half_padded_grid():
     """A 4 x 4 feature map whose right half is padding: valid cell centres at x 0.25 / 0.75
     and y 0.125 .. 0.875 of the unpadded image."""
     torch.manual_seed(0)
-    head = EncoderHead(hidden_dim=16, num_classes=3)
+    head = DenseHead(hidden_dim=16, num_classes=3)
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     mask[:, :, 2:] = True
     return head, head(torch.randn(2, 16, 4, 4), mask)
@@ -53,7 +53,7 @@ def test_criterion_adds_the_encoder_terms_with_the_set_loss_weights():
     enc["pred_boxes"] = enc["pred_boxes"].detach().requires_grad_()
     criterion = SetCriterion(3)
     plain = criterion(out, targets)
-    losses = criterion({**out, "enc_outputs": enc}, targets)
+    losses = criterion({**out, "dense_outputs": {"enc": enc}}, targets)
     weights = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
     assert torch.isclose(losses["loss"], plain["loss"] + sum(w * losses[k + "_enc"] for k, w in weights.items()))
     cells = assign_cells(enc["centres"], enc["valid"], targets)
@@ -63,3 +63,26 @@ def test_criterion_adds_the_encoder_terms_with_the_set_loss_weights():
     losses["loss_bbox_enc"].backward()
     touched = enc["pred_boxes"].grad.abs().sum(-1) > 0
     assert touched.sum() == positives and all(touched[b, c].all() for b, (c, _) in enumerate(cells))
+
+
+def test_backbone_head_reads_layer3_and_leaves_the_model_untouched():
+    from train.config import preset
+    from train.detr import DETR
+    from train.engine import TrainingModel
+    torch.manual_seed(0)
+    config = preset("detr_r18_tiny")[0]
+    model = DETR(config).eval()
+    images, mask = torch.randn(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool)
+    mask[1, :, 64:] = True  # the second image's right half is padding
+    plain = model(images, mask)
+    trainer = TrainingModel(model, encoder_head=True, backbone_head=("layer3",))
+    out = trainer(images, mask)
+    torch.testing.assert_close(out["pred_boxes"], plain["pred_boxes"])  # the hook only reads
+    dense = out["dense_outputs"]
+    assert set(dense) == {"enc", "layer3"} and dense["enc"]["valid"].shape == (2, 16)  # stride 32: 4 x 4
+    layer3 = dense["layer3"]
+    assert layer3["pred_logits"].shape == (2, 64, config.num_classes + 1)  # stride 16: 8 x 8 cells
+    assert layer3["valid"][0].all() and layer3["valid"][1].view(8, 8).tolist() == [[True] * 4 + [False] * 4] * 8
+    layer3["pred_boxes"].sum().backward()
+    body = model.backbone[0].body
+    assert body.layer3[0].conv1.weight.grad.abs().sum() > 0 and body.layer4[0].conv1.weight.grad is None
