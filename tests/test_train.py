@@ -207,3 +207,21 @@ def test_dense_heads_train_beside_the_model_and_stay_out_of_its_weights(shapes, 
     resumed = torch.load(out / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2 and not torch.equal(resumed["training_parts"]["encoder_head.class_embed.weight"],
                                                      parts["encoder_head.class_embed.weight"])
+
+
+def test_time_drop_lowers_the_learning_rate_once_and_a_resume_keeps_it(shapes, tmp_path):
+    out = tmp_path / "drop"
+    assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1000", "--eval-every", "0",
+                 "--lr", "1e-4", "--time-limit", "0.2", "--time-drop", "0.5"]) == 0
+    lrs = [float(row["lr"]) for row in read_csv(out / "metrics.csv")]
+    dropped = lrs.index(1e-5)  # rows hold the rate each step trained with
+    assert 0 < dropped < len(lrs) and set(lrs[:dropped]) == {1e-4} and set(lrs[dropped:]) == {1e-5}
+    saved = torch.load(out / "last.pth", weights_only=True)
+    assert saved["lr_scheduler"]["lr_lambdas"][0]["time_drop_step"] == dropped
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
+                 "--epochs", str(saved["epoch"] + 1), "--eval-every", "0"]) == 0
+    assert {float(row["lr"]) for row in read_csv(out / "metrics.csv")[len(lrs):]} == {1e-5}
+    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--time-drop", "0.8")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == (
+        "detr-edge: error: --time-drop 0.8: needs --time-limit and a share between 0 and 1")

@@ -52,6 +52,8 @@ def register(sub) -> None:
             ("eval-every", int, "epochs between COCO evaluations (0: only at the end), default 1"),
             ("save-every", int, "steps between last.pth writes, default 200"),
             ("time-limit", float, "minutes; stop, evaluate and save when reached"),
+            ("time-drop", float, "with --time-limit: drop the learning rate x0.1 once this share of the time "
+                                 "has passed (e.g. 0.85), so a time-bounded run ends in its fine phase"),
             ("workers", int, "data loader processes, default 1"), ("seed", int, "default 42")]:
         p.add_argument(f"--{name}", type=kind, help=help_text)
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false", default=None)

@@ -61,6 +61,7 @@ class TrainOptions:
     eval_every: int = 1              # epochs; 0 = only at the end
     save_every: int = 200            # steps between last.pth writes inside an epoch
     time_limit: float = 0.0          # minutes; 0 = none
+    time_drop: float = 0.0           # share of time_limit after which lr drops x0.1; 0 = never
     workers: int = 1
     device: str = "cpu"
     amp: bool = False
@@ -174,13 +175,18 @@ def clip_gradients(trainer: TrainingModel, max_norm: float) -> None:
     torch.nn.utils.clip_grad_norm_([p for p in trainer.parameters() if p.grad is not None], max_norm, foreach=True)
 
 
-def _lr_factor(opts: TrainOptions, steps_per_epoch: int):
-    drop_at = opts.lr_drop * steps_per_epoch
+class LrSchedule:
+    """The learning-rate factor per step: linear warm-up, then x0.1 from the epoch drop
+    (`--lr-drop`) or from the step at which `--time-drop` of `--time-limit` had passed,
+    whichever comes first. A callable object, so the scheduler's state saves the time
+    drop's step and a resumed run keeps it; the epoch drop follows the current options."""
 
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / opts.warmup) if opts.warmup else 1.0
-        return warm * (0.1 if step >= drop_at else 1.0)
-    return factor
+    def __init__(self, warmup: int, drop_step: float):
+        self.warmup, self.drop_step, self.time_drop_step = warmup, drop_step, math.inf
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        return warm * (0.1 if step >= min(self.drop_step, self.time_drop_step) else 1.0)
 
 
 def build(opts: TrainOptions):
@@ -189,6 +195,8 @@ def build(opts: TrainOptions):
         raise UserError(f"class weight {opts.class_weight}: must be > 0")
     if not opts.encoder_head >= 0:
         raise UserError(f"encoder head weight {opts.encoder_head}: must be >= 0")
+    if opts.time_drop and not (0 < opts.time_drop < 1 and opts.time_limit):
+        raise UserError(f"--time-drop {opts.time_drop}: needs --time-limit and a share between 0 and 1")
     unknown = set(opts.backbone_head) - set(BACKBONE_HEAD_LEVELS)
     if unknown:
         raise UserError(f"--backbone-head {','.join(sorted(unknown))}: choose from {', '.join(BACKBONE_HEAD_LEVELS)}")
@@ -243,13 +251,15 @@ def train(opts: TrainOptions) -> dict:
     trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head).to(device)
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(opts, sampler.batches))
+    schedule = LrSchedule(opts.warmup, opts.lr_drop * sampler.batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and device.type == "cuda")
     epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
     if resumed:
         trainer.load_training_parts(resumed.get("training_parts", {}), opts.resume)
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["lr_scheduler"])
+        schedule.warmup, schedule.drop_step = opts.warmup, opts.lr_drop * sampler.batches
         epoch, step_in_epoch = resumed["epoch"], resumed["step_in_epoch"]
         global_step, best_ap = resumed["global_step"], resumed.get("best_ap", -1.0)
         _set_rng_state(resumed["rng"])
@@ -263,6 +273,7 @@ def train(opts: TrainOptions) -> dict:
     csv_path = out / "metrics.csv"
     start = time.monotonic()
     deadline = start + opts.time_limit * 60 if opts.time_limit else math.inf
+    drop_time = start + opts.time_drop * opts.time_limit * 60 if opts.time_drop else math.inf
     metrics = {}
 
     def save(name: str, finished_epoch: bool = False) -> None:
@@ -292,12 +303,18 @@ def train(opts: TrainOptions) -> dict:
                 clip_gradients(trainer, opts.clip_max_norm)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step trained with
             step_in_epoch += 1
             global_step += 1
+            if (schedule.time_drop_step == math.inf and drop_time < math.inf
+                    and _any_rank(time.monotonic() > drop_time, world, device)):
+                schedule.time_drop_step = global_step
+                log.info("%.0f%% of the time limit passed: learning rate x0.1 from step %d on",
+                         100 * opts.time_drop, global_step + 1)
+            scheduler.step()
             seen += len(targets) * world
             if main_process:
-                row = {"step": global_step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                row = {"step": global_step, "epoch": epoch, "lr": lr,
                        "images_per_s": seen / max(time.monotonic() - tick, 1e-9),
                        **{k: float(v.detach()) for k, v in losses.items()}}
                 _log_row(csv_path, row, writer)
