@@ -22,9 +22,12 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor):
         features = self.body(images)["0"]
-        # nearest-neighbour downsampling of the padding mask, as the official code
-        mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-        return features, mask
+        return features, downsample_mask(mask, features.shape[-2:])
+
+
+def downsample_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """The padding mask [B,H,W] at a feature map's size: nearest-neighbour, as the official code."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
 
 class Joiner(nn.Sequential):

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from runtime.errors import UserError
 
+from .backbone import downsample_mask
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
 from .config import DETRConfig, checkpoint_config, preset
 from .criterion import SetCriterion
@@ -124,8 +124,7 @@ class TrainingModel(torch.nn.Module):
             dense["enc"] = self.encoder_head(out["memory"], out["memory_mask"])
         for level, head in self.backbone_heads.items():
             features = self._levels.pop(level)
-            level_mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-            dense[level] = head(features, level_mask)
+            dense[level] = head(features, downsample_mask(mask, features.shape[-2:]))
         if dense:
             out["dense_outputs"] = dense
         return out
