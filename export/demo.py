@@ -17,9 +17,9 @@ from pathlib import Path
 from .cli import main as cli
 
 # The demo recipe (docs/training.md has the measurements behind it).
-TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "2e-4",
-         "--lr-backbone", "2e-4", "--warmup", "200", "--groups", "4", "--zoom", "0", "--class-weight", "2",
-         "--encoder-head", "4", "--backbone-head", "layer3", "--time-drop", "0.85", "--epochs", "100",
+TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "4e-4",
+         "--lr-backbone", "4e-4", "--warmup", "200", "--groups", "4", "--zoom", "0", "--class-weight", "2",
+         "--encoder-head", "4", "--backbone-head", "layer3", "--time-drop", "0.85", "--ema", "0.95", "--epochs", "100",
          "--eval-every", "2", "--save-every", "500"]
 
 

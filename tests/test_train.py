@@ -225,3 +225,47 @@ def test_time_drop_lowers_the_learning_rate_once_and_a_resume_keeps_it(shapes, t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == (
         "detr-edge: error: --time-drop 0.8: needs --time-limit and a share between 0 and 1")
+
+
+def test_weight_average_follows_its_ramped_decay_and_copies_batchnorm_counters():
+    import math
+    from train.engine import weight_average
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    decay, average = 0.9, weight_average(net, 0.9)
+    expected = None
+    for step in range(1, 8):
+        with torch.no_grad():
+            net[0].weight.fill_(float(step))
+        net(torch.randn(4, 2))  # a training forward: BatchNorm's statistics and counter move
+        average.update_parameters(net)
+        d = decay * (1 - math.exp(-(step - 1) * (1 - decay)))  # step 1 copies: d = 0
+        expected = float(step) if expected is None else d * expected + (1 - d) * step
+        assert torch.allclose(average.module[0].weight, torch.full((1, 2), expected)), step
+    assert expected < 6.5  # the average lags the raw weights (7): the test tells them apart
+    assert int(average.module[1].num_batches_tracked) == 7
+
+
+def test_ema_saves_the_average_and_a_resume_continues_it_exactly(shapes, tmp_path):
+    # both runs evaluate after epoch 1: evaluation draws from the RNG, and resume restores it exactly
+    common = ["--data", str(shapes), *TINY[2:], "--eval-every", "1", "--save-every", "0", "--ema", "0.9"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", *common, *TINY[:2], "--out", str(straight), "--epochs", "2"]) == 0
+    assert main(["train", *common, *TINY[:2], "--out", str(split), "--epochs", "1"]) == 0
+    first = torch.load(split / "last.pth", weights_only=True)
+    assert first["ema_updates"] == 6 and first["model"].keys() == first["raw_model"].keys()
+    assert not torch.equal(first["model"]["class_embed.weight"], first["raw_model"]["class_embed.weight"])
+    proc = run_cli("train", "--data", str(shapes), "--out", str(split), "--resume", str(split / "last.pth"),
+                   *TINY[4:], "--epochs", "2")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == (
+        f"detr-edge: error: {split / 'last.pth'}: its run kept a moving average of the weights; "
+        "resume with the same --ema")
+    assert main(["train", *common, "--out", str(split), "--resume", str(split / "last.pth"), "--epochs", "2"]) == 0
+    a, b = (torch.load(run / "last.pth", weights_only=True) for run in (straight, split))
+    assert a["ema_updates"] == b["ema_updates"] == 12
+    for key in ("model", "raw_model"):  # the interrupted run ends where the straight one does, bit for bit
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--ema", "1")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == "detr-edge: error: --ema 1.0: the decay must be between 0 and 1"
+    assert not (tmp_path / "bad").exists()

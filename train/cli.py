@@ -65,6 +65,10 @@ def register(sub) -> None:
                    help="the same head also on these backbone levels, comma-separated: layer2 (stride 8), "
                         "layer3 (stride 16) (Co-DETR's multi-scale auxiliary heads; needs --encoder-head, "
                         "whose W weights it)")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="evaluate, save and deploy an exponential moving average of the weights (ultralytics' "
+                        "and RT-DETR's EMA), averaging over about 1/(1-DECAY) steps: 0.95 for the ~1,000-step "
+                        "demo, 0.9999 (ultralytics') for long runs")
     p.add_argument("--contiguous-ids", dest="contiguous", action="store_true", default=None,
                    help="remap category ids to 0..C-1 (custom datasets with sparse ids)")
     p.add_argument("--device", help="cpu (default) or cuda[:N]")

@@ -1,5 +1,6 @@
 """The training loop: AdamW with a separate backbone learning rate, gradient clipping,
-linear warm-up and a StepLR-style drop, optional AMP on CUDA, tqdm progress, CSV and
+linear warm-up and a StepLR-style drop, an optional moving average of the weights,
+optional AMP on CUDA, tqdm progress, CSV and
 TensorBoard metrics, periodic COCO evaluation, best/last checkpoints written atomically,
 exact resume (model, optimizer, schedule, epoch, step inside the epoch, RNG), and DDP
 under torchrun (NCCL on GPUs, gloo on CPUs)."""
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 
 from runtime.errors import UserError
 
@@ -62,6 +64,7 @@ class TrainOptions:
     save_every: int = 200            # steps between last.pth writes inside an epoch
     time_limit: float = 0.0          # minutes; 0 = none
     time_drop: float = 0.0           # share of time_limit after which lr drops x0.1; 0 = never
+    ema: float = 0.0                 # decay of the weights' moving average (evaluated and saved); 0 = none
     workers: int = 1
     device: str = "cpu"
     amp: bool = False
@@ -114,8 +117,8 @@ class TrainingModel(torch.nn.Module):
             layer = getattr(body, level)
             channels = [m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
             self.backbone_heads[level] = DenseHead(d, classes, in_channels=channels)
-            layer.register_forward_hook(lambda _module, _inputs, output, level=level:
-                                        self._levels.__setitem__(level, output))
+            layer.register_forward_hook(lambda module, _inputs, output, level=level:
+                                        self._levels.__setitem__(level, output) if module.training else None)
 
     def forward(self, images, mask):
         out = self.model(images.contiguous(memory_format=torch.channels_last), mask, self.group_queries)
@@ -188,6 +191,21 @@ class LrSchedule:
         return warm * (0.1 if step >= min(self.drop_step, self.time_drop_step) else 1.0)
 
 
+def weight_average(model: DETR, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights and BatchNorm statistics, as ultralytics'
+    and RT-DETR's ModelEMA: what is evaluated, saved and deployed, while training goes on
+    with the raw weights. The decay ramps up as decay * (1 - exp(-updates * (1 - decay))),
+    so the average forgets the random start within its own horizon of 1 / (1 - decay) steps."""
+    def average(averaged: list, current: list, updates) -> None:  # one call per dtype
+        if not averaged[0].is_floating_point():  # BatchNorm's step counters
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+            return
+        d = decay * (1 - math.exp(-int(updates) * (1 - decay)))
+        torch._foreach_lerp_(averaged, current, 1 - d)
+    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+
+
 def build(opts: TrainOptions):
     """Datasets, model, config and the checkpoint to resume from (if any)."""
     if not opts.class_weight > 0:
@@ -196,6 +214,8 @@ def build(opts: TrainOptions):
         raise UserError(f"encoder head weight {opts.encoder_head}: must be >= 0")
     if opts.time_drop and not (0 < opts.time_drop < 1 and opts.time_limit):
         raise UserError(f"--time-drop {opts.time_drop}: needs --time-limit and a share between 0 and 1")
+    if not 0 <= opts.ema < 1:
+        raise UserError(f"--ema {opts.ema}: the decay must be between 0 and 1")
     unknown = set(opts.backbone_head) - set(BACKBONE_HEAD_LEVELS)
     if unknown:
         raise UserError(f"--backbone-head {','.join(sorted(unknown))}: choose from {', '.join(BACKBONE_HEAD_LEVELS)}")
@@ -206,6 +226,9 @@ def build(opts: TrainOptions):
     resumed = read_checkpoint(opts.resume)[2] if opts.resume else None
     if resumed is not None and "step_in_epoch" not in resumed:
         raise UserError(f"{opts.resume}: holds no detr-edge training state to resume; start from it with --weights")
+    if resumed is not None and bool(opts.ema) != ("raw_model" in resumed):
+        raise UserError(f"{opts.resume}: its run {'kept a' if 'raw_model' in resumed else 'kept no'} moving average "
+                        "of the weights; resume with the same --ema")
     probe = CocoDetection(train_images, train_ann, contiguous=opts.contiguous)
     if opts.resume:
         model, config = load_model(opts.resume)
@@ -248,6 +271,8 @@ def train(opts: TrainOptions) -> dict:
                              eos_coef=opts.eos_coef, loss_ce=opts.class_weight, aux_loss=opts.aux_loss,
                              groups=opts.groups, dense_weight=opts.encoder_head).to(device)
     trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head).to(device)
+    ema = weight_average(model, opts.ema) if opts.ema else None  # of a resumed run: its saved average
+    deployed = ema.module if ema else model
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
     schedule = LrSchedule(opts.warmup, opts.lr_drop * sampler.batches)
@@ -256,6 +281,9 @@ def train(opts: TrainOptions) -> dict:
     epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
     if resumed:
         trainer.load_training_parts(resumed.get("training_parts", {}), opts.resume)
+        if ema:
+            model.load_state_dict(resumed["raw_model"])
+            ema.n_averaged.fill_(resumed["ema_updates"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["lr_scheduler"])
         schedule.warmup, schedule.drop_step = opts.warmup, opts.lr_drop * sampler.batches
@@ -277,7 +305,8 @@ def train(opts: TrainOptions) -> dict:
 
     def save(name: str, finished_epoch: bool = False) -> None:
         if main_process:
-            save_checkpoint(out / name, model, config, optimizer=optimizer.state_dict(),
+            averaged = {"raw_model": model.state_dict(), "ema_updates": int(ema.n_averaged)} if ema else {}
+            save_checkpoint(out / name, deployed, config, **averaged, optimizer=optimizer.state_dict(),
                             lr_scheduler=scheduler.state_dict(),
                             epoch=epoch + 1 if finished_epoch else epoch,
                             step_in_epoch=0 if finished_epoch else step_in_epoch,
@@ -302,6 +331,8 @@ def train(opts: TrainOptions) -> dict:
                 clip_gradients(trainer, opts.clip_max_norm)
             scaler.step(optimizer)
             scaler.update()
+            if ema:
+                ema.update_parameters(model)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step trained with
             step_in_epoch += 1
             global_step += 1
@@ -328,7 +359,7 @@ def train(opts: TrainOptions) -> dict:
         finished = not out_of_time
         last_epoch = epoch + 1 >= opts.epochs
         if main_process and (out_of_time or last_epoch or (opts.eval_every and (epoch + 1) % opts.eval_every == 0)):
-            metrics = evaluate(model, val_set, batch_size=max(1, opts.batch_size), device=device)
+            metrics = evaluate(deployed, val_set, batch_size=max(1, opts.batch_size), device=device)
             log.info("epoch %d: AP %.3f AP50 %.3f (%s)", epoch, metrics["AP"], metrics["AP50"],
                      _elapsed(start))
             _log_row(out / "eval.csv", {"step": global_step, "epoch": epoch,
