@@ -117,8 +117,8 @@ class TrainingModel(torch.nn.Module):
             layer = getattr(body, level)
             channels = [m for m in layer.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
             self.backbone_heads[level] = DenseHead(d, classes, in_channels=channels)
-            layer.register_forward_hook(lambda module, _inputs, output, level=level:
-                                        self._levels.__setitem__(level, output) if module.training else None)
+            layer.register_forward_hook(lambda _module, _inputs, output, level=level:
+                                        self._levels.__setitem__(level, output))
 
     def forward(self, images, mask):
         out = self.model(images.contiguous(memory_format=torch.channels_last), mask, self.group_queries)
@@ -270,8 +270,9 @@ def train(opts: TrainOptions) -> dict:
     criterion = SetCriterion(model.config.num_classes, HungarianMatcher(cost_class=opts.class_weight),
                              eos_coef=opts.eos_coef, loss_ce=opts.class_weight, aux_loss=opts.aux_loss,
                              groups=opts.groups, dense_weight=opts.encoder_head).to(device)
+    # the average copies the model before the trainer hooks its backbone levels; of a resumed run: its saved average
+    ema = weight_average(model, opts.ema) if opts.ema else None
     trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head).to(device)
-    ema = weight_average(model, opts.ema) if opts.ema else None  # of a resumed run: its saved average
     deployed = ema.module if ema else model
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
