@@ -1,21 +1,22 @@
 """Median latency of onnxruntime FP32 versus the CPU-flavour INT8 file (uint8 activations,
 int8 per-channel weights) and the TensorRT-flavour INT8 file (symmetric int8, run here by
-onnxruntime as a stand-in), side by side in one run: iterations alternate between the
-files, so machine noise hits all alike.
+onnxruntime as a stand-in), side by side in one run (benchmarks/timing.py: the files take
+turns in blocks, so machine noise hits all alike). With `--val-data` (annotated), the
+COCO AP of the very files timed is printed beside their latency.
 
 Models: a checkpoint (`--checkpoint`, e.g. the demo's best.pth) or a preset with random
 weights (`--preset`; latency does not depend on the weights). Calibration frames: coco-tiny
 photos from ../shared/data when present, else `--calib-data`.
 
     .venv/bin/python benchmarks/int8_vs_fp32.py --preset detr_r50 --imgsz 640
-    .venv/bin/python benchmarks/int8_vs_fp32.py --checkpoint demo-out/train/best.pth --calib-data demo-out/data/train
+    .venv/bin/python benchmarks/int8_vs_fp32.py --checkpoint demo-out/train/best.pth --calib-data demo-out/data/train \
+        --samples 128 --val-data demo-out/data/annotations/instances_val.json
 """
 import argparse
 import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.floor import gemm_rate  # noqa: E402
+from benchmarks.timing import describe, interleaved  # noqa: E402
 from calibration.data import Samples  # noqa: E402
 from calibration.quantize import QuantOptions, quantize  # noqa: E402
+from export.check import Images, coco_ap  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
 from runtime.metadata import parse_imgsz  # noqa: E402
@@ -42,8 +45,8 @@ def main():
     parser.add_argument("--imgsz", help="default: the checkpoint's, or 640 for a preset")
     parser.add_argument("--calib-data", default=str(ROOT.parent / "shared" / "data" / "coco-tiny" / "val2017"))
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--val-data", help="annotated set (COCO json or root): also print each file's AP")
+    parser.add_argument("--iters", type=int, default=60, help="timed runs per file")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -68,22 +71,21 @@ def main():
         backends = {k: OnnxRuntimeBackend(p, providers=["CPUExecutionProvider"], threads=args.threads)
                     for k, p in files.items()}
         sizes = {k: p.stat().st_size / 2**20 for k, p in files.items()}
+        ap = {}
+        if args.val_data:
+            val = Images.load(args.val_data)
+            ap = {k: coco_ap(b, val) for k, b in backends.items()}
+            ap = {k: f"  AP {v:.2f} ({v - ap['fp32']:+.2f})" for k, v in ap.items()}
         rng = np.random.default_rng(0)
         images = rng.standard_normal((1, 3, *imgsz), dtype=np.float32)
         mask = np.zeros((1, *imgsz), bool)
-        times = {k: [] for k in backends}
-        for i in range(args.warmup + args.iters):
-            for key, backend in backends.items():
-                start = time.perf_counter()
-                backend.infer(images, mask)
-                if i >= args.warmup:
-                    times[key].append(time.perf_counter() - start)
-    median = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    print(f"{name} {imgsz[0]}x{imgsz[1]} batch 1, {args.threads} threads, {args.iters} alternating iterations, "
+        times = interleaved({k: lambda b=b: b.infer(images, mask) for k, b in backends.items()}, args.iters)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{name} {imgsz[0]}x{imgsz[1]} batch 1, {args.threads} threads, {args.iters} runs each in turns, "
           f"onnxruntime CPU, {args.samples} calibration samples")
     for key, value in median.items():
-        print(f"  {key:9s} median {value:8.1f} ms  (min {min(times[key]) * 1000:.1f}, max {max(times[key]) * 1000:.1f})"
-              f"  {sizes[key]:6.1f} MiB  speed-up over fp32 {median['fp32'] / value:.2f}x")
+        print(f"  {key:9s} {describe(times[key])}  {sizes[key]:6.1f} MiB  speed-up over fp32 "
+              f"{median['fp32'] / value:.2f}x{ap.get(key, '')}")
     fp32_rate, int8_rate = gemm_rate(args.threads, "fp32"), gemm_rate(args.threads, "int8")
     print(f"  this CPU's GEMM (onnxruntime, 2048^3): FP32 {fp32_rate:.0f} GFLOP/s, INT8 {int8_rate:.0f} GOP/s: "
           f"INT8 arithmetic alone is {int8_rate / fp32_rate:.2f}x FP32's")

@@ -1,6 +1,7 @@
 """Median latency of PyTorch eager (`torch.no_grad()`) versus onnxruntime FP32 (the
 runtime's backend, on the file `detr-edge export` writes) for one model, measured side by
-side in one run: iterations alternate between the two, so machine noise hits both alike.
+side in one run (benchmarks/timing.py: the two take turns in blocks, so machine noise hits
+both alike).
 
 Default: detr_r50 (random weights: latency does not depend on them), 640x640, batch 1,
 2 threads, a real letterboxed photo when ../shared/data is present.
@@ -15,7 +16,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.floor import gemm_rate  # noqa: E402
+from benchmarks.timing import describe, interleaved  # noqa: E402
 from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
 from runtime.metadata import parse_imgsz, preprocess_spec  # noqa: E402
@@ -39,8 +40,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="detr_r50")
     parser.add_argument("--imgsz", default="640")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=20, help="timed runs of each")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,23 +59,17 @@ def main():
         with torch.no_grad():
             ref = model(images, mask)["pred_logits"].numpy()
         error = float(np.abs(backend.infer(batch.images, batch.mask)[0] - ref).max())
-        times = {"pytorch": [], "onnxruntime": []}
-        for i in range(args.warmup + args.iters):
-            start = time.perf_counter()
+
+        def pytorch():
             with torch.no_grad():
                 model(images, mask)
-            mid = time.perf_counter()
-            backend.infer(batch.images, batch.mask)
-            end = time.perf_counter()
-            if i >= args.warmup:
-                times["pytorch"].append(mid - start)
-                times["onnxruntime"].append(end - mid)
+        times = interleaved({"pytorch": pytorch, "onnxruntime": lambda: backend.infer(batch.images, batch.mask)},
+                            args.iters)
     median = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    print(f"{args.preset} {imgsz[0]}x{imgsz[1]} batch 1, {args.threads} threads, {args.iters} alternating iterations "
+    print(f"{args.preset} {imgsz[0]}x{imgsz[1]} batch 1, {args.threads} threads, {args.iters} runs each in turns "
           f"(torch {torch.__version__}, onnxruntime {onnxruntime.__version__}); max |logits diff| {error:.2e}")
-    for name, value in median.items():
-        spread = (min(times[name]) * 1000, max(times[name]) * 1000)
-        print(f"  {name:12s} median {value:7.1f} ms  (min {spread[0]:.1f}, max {spread[1]:.1f})")
+    for name in median:
+        print(f"  {name:12s} {describe(times[name])}")
     print(f"  onnxruntime speed-up over PyTorch eager: {median['pytorch'] / median['onnxruntime']:.2f}x")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(images, mask)
