@@ -7,6 +7,10 @@ pass over the data).
   (../shared/reference/tensorrt.md).
 - `cpu`  -> `*.int8-cpu.onnx`: uint8 activations, int8 per-channel weights: what
   onnxruntime's CPU kernels run fast (symmetric int8 Q/DQ runs slower than FP32 there).
+  Weights are 7-bit ([-64, 64], onnxruntime's `reduce_range`) unless the file is for
+  CPUs with VNNI only: without VNNI (AVX2), onnxruntime's uint8 x int8 kernels add
+  pairs of products in int16, which saturates beyond 32767 (255 x 127 x 2 does;
+  255 x 64 x 2 does not). docs/calibration.md has the measurements.
 
 Only Conv, MatMul and Gemm are quantized; LayerNorm, Softmax and the position embedding
 are never in that list, and nodes whose name contains one of `exclude` stay float (by
@@ -37,6 +41,7 @@ class QuantOptions:
     op_types: tuple = OP_TYPES
     exclude: tuple = DEFAULT_EXCLUDE     # node-name substrings kept float
     exclude_nodes: list = field(default_factory=list)  # exact node names kept float (the search's choice)
+    vnni: bool = False  # CPU flavour for CPUs with VNNI only: full 8-bit weights
 
 
 def excluded_nodes(graph, options: QuantOptions) -> list[str]:
@@ -129,13 +134,14 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
     if flavour not in FLAVOURS:
         raise UserError(f"unknown flavour {flavour!r}: trt or cpu")
     trt = flavour == "trt"
+    reduce_range = not trt and not options.vnni
     exclude = excluded_nodes(graph, options)
     _unshare_initializers(graph, set(exclude))
     extra = {"ActivationSymmetric": trt, "WeightSymmetric": True, "QuantizeBias": not trt}
     with atomic_path(Path(dst)) as tmp, _quiet():
         try:
             quantize_static(graph, str(tmp), None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(options.op_types), per_channel=True,
+                            op_types_to_quantize=list(options.op_types), per_channel=True, reduce_range=reduce_range,
                             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                             calibrate_method=_method(options.method), extra_options=extra,
@@ -147,6 +153,7 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
         quantized = onnx.load(str(tmp))
         meta["export"].update(precision="int8", int8={"flavour": flavour, "method": options.method,
                                                       "op_types": list(options.op_types),
+                                                      "weight_bits": 7 if reduce_range else 8,
                                                       "excluded_nodes": exclude})
         write_onnx_metadata(quantized, meta)
         onnx.save(quantized, str(tmp))

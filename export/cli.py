@@ -61,6 +61,9 @@ def _register(sub) -> None:
     p.add_argument("--method", choices=["entropy", "percentile", "minmax"], default="entropy")
     p.add_argument("--flavour", default="trt,cpu", help="comma list: trt (symmetric int8), cpu (uint8 activations)")
     p.add_argument("--exclude", help="node-name substrings kept float (default /bbox_embed/: the box head)")
+    p.add_argument("--vnni", action="store_true", help="the CPU flavour runs only on CPUs with VNNI (AVX512-VNNI, "
+                                                       "AVX-VNNI): 8-bit weights instead of the 7 that cannot "
+                                                       "saturate onnxruntime's AVX2 kernels")
     p.add_argument("--val-data", help="held-out images for the AP of FP32 vs INT8 (COCO json/root: real AP; "
                                       "a folder: AP against the FP32 file's own detections)")
     p.add_argument("--val-limit", type=int, help="use only the first N held-out images")
@@ -183,7 +186,7 @@ def _calibrate(args) -> None:
     flavours = _split(args.flavour)
     if not flavours or set(flavours) - {"trt", "cpu"}:
         raise UserError(f"--flavour {args.flavour!r}: a comma list of trt, cpu")
-    options = QuantOptions(method=args.method, exclude=_split(args.exclude) or DEFAULT_EXCLUDE)
+    options = QuantOptions(method=args.method, exclude=_split(args.exclude) or DEFAULT_EXCLUDE, vnni=args.vnni)
     report = calibrate(args.model, args.data, flavours, args.samples, args.every, options, args.val_data,
                        args.auto, args.max_ap_drop, args.trt_version, args.val_limit)
     print(markdown(report))
