@@ -60,12 +60,9 @@ def sharp_model(config, seed: int = 0):
 
 
 # The GPU suite (tests/gpu): marked `gpu` and skipped, with the reason, where there is no
-# TensorRT or no CUDA device. `make test-gpu` installs the tensorrt extra and runs it.
-def _gpu_unavailable() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed (pip install 'detr-edge[tensorrt]'; Jetson: python3-libnvinfer)"
+# CUDA device, or no TensorRT for the tests marked `tensorrt`. `make test-gpu` installs the
+# tensorrt extra and runs it.
+def _cuda_unavailable() -> str | None:
     try:
         from runtime.cuda import memory
         memory().device_info()
@@ -74,10 +71,22 @@ def _gpu_unavailable() -> str | None:
     return None
 
 
+def _tensorrt_unavailable() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed (pip install 'detr-edge[tensorrt]'; Jetson: python3-libnvinfer)"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    reason = _gpu_unavailable()
-    for item in items:
-        if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
-            item.add_marker(pytest.mark.gpu)
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=reason))
+    gpu = [item for item in items if "tests/gpu/" in str(item.fspath).replace("\\", "/")]
+    if not gpu:
+        return
+    no_cuda = _cuda_unavailable()
+    no_tensorrt = _tensorrt_unavailable() if any(item.get_closest_marker("tensorrt") for item in gpu) else None
+    for item in gpu:
+        item.add_marker(pytest.mark.gpu)
+        reason = no_tensorrt if item.get_closest_marker("tensorrt") else None
+        if reason or no_cuda:
+            item.add_marker(pytest.mark.skip(reason=reason or no_cuda))

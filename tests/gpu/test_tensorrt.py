@@ -17,6 +17,8 @@ from train.synth import synthesize
 
 from conftest import ROOT, sharp_model
 
+pytestmark = pytest.mark.tensorrt
+
 DEMO = ROOT / "demo-out" / "train" / "best.pth"
 SMALL = DETRConfig(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2, dim_feedforward=128,
                    num_queries=12, num_classes=5, dropout=0.0)
