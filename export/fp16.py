@@ -47,7 +47,12 @@ def convert_fp16(src, dst, keep_ops=KEEP_FP32_OPS, keep_names=KEEP_FP32_NAMES) -
     meta["export"].update(precision="fp16", kept_fp32={"ops": list(keep_ops), "names": list(keep_names),
                                                         "nodes": len(blocked)})
     write_onnx_metadata(graph, meta)
-    onnx.checker.check_model(graph)
+    try:
+        onnx.checker.check_model(graph)
+    except onnx.checker.ValidationError as exc:
+        import onnxruntime
+        raise UserError(f"{src}: the FP16 graph fails onnx.checker ({str(exc).splitlines()[0][:160]}); onnxruntime "
+                        f"{onnxruntime.__version__}'s float16 converter made it: detr-edge needs 1.32 or newer") from None
     with atomic_path(Path(dst)) as tmp:
         onnx.save(graph, str(tmp))
     return meta

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from export.cli import main
 from export.onnx_export import ExportOptions, export_onnx
 from runtime.backends import load_backend
+from runtime.errors import UserError
 from runtime.metadata import preprocess_spec
 from runtime.postprocess import postprocess
 from runtime.preprocess import preprocess
@@ -228,3 +229,17 @@ def test_export_refuses_bad_input_in_one_line(checkpoint, tmp_path, args, messag
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_an_fp16_graph_that_fails_the_checker_is_one_line_and_not_written(dynamic_onnx, tmp_path, monkeypatch):
+    """onnxruntime 1.30-1.31's float16 converter names one Cast per consumer alike, which
+    onnx.checker rejects: the user gets one line naming the version, and no file."""
+    from export.fp16 import convert_fp16
+
+    def reject(model, *args, **kwargs):
+        raise onnx.checker.ValidationError("Graph must be in single static assignment (SSA) form\nmore")
+    monkeypatch.setattr(onnx.checker, "check_model", reject)
+    with pytest.raises(UserError, match=r"fails onnx.checker \(Graph must be in single static assignment .*onnxruntime "
+                                        r"\S+'s float16 converter made it: detr-edge needs 1.32 or newer") as error:
+        convert_fp16(dynamic_onnx, tmp_path / "m.fp16.onnx")
+    assert "\n" not in str(error.value) and not list(tmp_path.iterdir())
