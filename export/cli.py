@@ -167,15 +167,17 @@ def _export(args) -> None:
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: the file name must end in .onnx")
     export_onnx(model.eval(), config, out, options, source=checkpoint.name)
-    if "fp16" in precisions:
-        fp16 = out.with_suffix(".fp16.onnx")
-        convert_fp16(out, fp16, _split(args.keep_fp32_ops) or KEEP_FP32_OPS,
-                     _split(args.keep_fp32_names) or KEEP_FP32_NAMES)
-        print(fp16)
+    try:
+        if "fp16" in precisions:
+            fp16 = out.with_suffix(".fp16.onnx")
+            convert_fp16(out, fp16, _split(args.keep_fp32_ops) or KEEP_FP32_OPS,
+                         _split(args.keep_fp32_names) or KEEP_FP32_NAMES)
+            print(fp16)
+    finally:
+        if "fp32" not in precisions:  # only the FP16 file was asked for, whether or not it was made
+            out.unlink()
     if "fp32" in precisions:
         print(out)
-    else:
-        out.unlink()
 
 
 def _calibrate(args) -> None:

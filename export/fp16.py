@@ -51,8 +51,9 @@ def convert_fp16(src, dst, keep_ops=KEEP_FP32_OPS, keep_names=KEEP_FP32_NAMES) -
         onnx.checker.check_model(graph)
     except onnx.checker.ValidationError as exc:
         import onnxruntime
-        raise UserError(f"{src}: the FP16 graph fails onnx.checker ({str(exc).splitlines()[0][:160]}); onnxruntime "
-                        f"{onnxruntime.__version__}'s float16 converter made it: detr-edge needs 1.32 or newer") from None
+        raise UserError(f"{src}: the FP16 graph from onnxruntime {onnxruntime.__version__}'s float16 converter fails "
+                        f"onnx.checker ({str(exc).splitlines()[0][:160]}); 1.30 and 1.31 are known to: use 1.32 or "
+                        "newer") from None
     with atomic_path(Path(dst)) as tmp:
         onnx.save(graph, str(tmp))
     return meta

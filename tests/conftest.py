@@ -84,7 +84,7 @@ def pytest_collection_modifyitems(config, items):
     if not gpu:
         return
     no_cuda = _cuda_unavailable()
-    no_tensorrt = _tensorrt_unavailable() if any(item.get_closest_marker("tensorrt") for item in gpu) else None
+    no_tensorrt = _tensorrt_unavailable()
     for item in gpu:
         item.add_marker(pytest.mark.gpu)
         reason = no_tensorrt if item.get_closest_marker("tensorrt") else None
