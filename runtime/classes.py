@@ -1,5 +1,6 @@
 """COCO class names indexed by category id (91 slots, 'N/A' for the unused ids), as
 the official DETR release uses them: class index i of a COCO model is category id i."""
+from __future__ import annotations
 
 COCO_CLASSES = (
     "N/A", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",

@@ -31,7 +31,8 @@ def coco_image_folder(annotations) -> Path:
     """The image folder of a COCO instances json, by the COCO layout's naming:
     instances_val2017.json -> val2017/ beside it or beside its annotations/ folder."""
     annotations = Path(annotations)
-    name = annotations.stem.removeprefix("instances_")
+    name = annotations.stem
+    name = name[len("instances_"):] if name.startswith("instances_") else name  # str.removeprefix is 3.9+
     for folder in (annotations.parent / name, annotations.parent.parent / name):
         if folder.is_dir():
             return folder

@@ -1,4 +1,5 @@
 """runtime/: light (no torch), and its pre/postprocessing against independent references."""
+import ast
 import json
 import subprocess
 import sys
@@ -117,3 +118,21 @@ def test_parse_imgsz():
     for bad in ("650", "axb", "0x64", "1x2x3"):
         with pytest.raises(UserError):
             parse_imgsz(bad)
+
+
+def test_the_runtime_is_python_38_code():
+    """JetPack 5 ships Python 3.8 (its TensorRT bindings are built for it). vermin checks the
+    runtime's syntax and standard-library use against 3.8; it does not evaluate annotations,
+    so every annotated module must make them lazy (on 3.8, `list[str]` in a signature fails
+    at import). vermin cannot see a 3.9 method called on a name (`name.removeprefix(...)`)."""
+    for path in sorted((ROOT / "runtime").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        annotated = any(isinstance(node, ast.AnnAssign) or (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        and (node.returns or any(a.annotation for a in node.args.args + node.args.kwonlyargs)))
+                        for node in ast.walk(tree))
+        lazy = any(isinstance(node, ast.ImportFrom) and node.module == "__future__"
+                   and any(alias.name == "annotations" for alias in node.names) for node in tree.body)
+        assert lazy or not annotated, f"{path}: annotations without `from __future__ import annotations`"
+    proc = subprocess.run([sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())", "-t=3.8-",
+                           "--no-tips", "--violations", str(ROOT / "runtime")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:]
