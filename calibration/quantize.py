@@ -4,7 +4,14 @@ pass over the data).
 
 - `trt`  -> `*.int8.onnx`: symmetric int8 activations and weights (zero points 0),
   per-channel weight scales, biases left float: what TensorRT's parser accepts
-  (../shared/reference/tensorrt.md).
+  (../shared/reference/tensorrt.md). Placed as TensorRT fuses them: a dedicated Q/DQ
+  pair per consumer, none on the outputs of Conv/MatMul/Gemm, and the MatMuls between
+  two activations (attention's Q.K^T and softmax.V) float unless `attention` is set.
+  The graph around them is FP16, as NVIDIA's ModelOpt makes it for strongly typed
+  TensorRT 10/11 builds (where every unquantized layer runs in its tensors' precision):
+  opset 19, FP16 Q/DQ scales, the FP16 file's FP32 islands (export/fp16.py). For
+  TensorRT 8.x targets (opset 16/17, where Q/DQ must be FP32) the graph stays FP32 and
+  the builder sets FP16 with those islands pinned (export/trt_plan.py).
 - `cpu`  -> `*.int8-cpu.onnx`: uint8 activations, int8 per-channel weights: what
   onnxruntime's CPU kernels run fast (symmetric int8 Q/DQ runs slower than FP32 there).
   Weights are 7-bit ([-64, 64], onnxruntime's `reduce_range`) unless the file is for
@@ -23,6 +30,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from runtime.errors import UserError
 from runtime.io import atomic_path
@@ -42,11 +50,24 @@ class QuantOptions:
     exclude: tuple = DEFAULT_EXCLUDE     # node-name substrings kept float
     exclude_nodes: list = field(default_factory=list)  # exact node names kept float (the search's choice)
     vnni: bool = False  # CPU flavour for CPUs with VNNI only: full 8-bit weights
+    attention: bool = False  # TensorRT flavour: quantize the MatMuls between two activations too
+    # the export stage's FP16 conversion of the TensorRT flavour's graph around its Q/DQ pairs,
+    # (graph, metadata) -> graph, updating the metadata (export/fp16.py: fp16_around_qdq)
+    fp16: Callable | None = None
 
 
-def excluded_nodes(graph, options: QuantOptions) -> list[str]:
-    return sorted({n.name for n in graph.graph.node
-                   if n.name in options.exclude_nodes or any(part in n.name for part in options.exclude)})
+def excluded_nodes(graph, options: QuantOptions, flavour: str = "cpu") -> list[str]:
+    names = {n.name for n in graph.graph.node
+             if n.name in options.exclude_nodes or any(part in n.name for part in options.exclude)}
+    if flavour == "trt" and not options.attention:
+        names |= set(activation_matmuls(graph))
+    return sorted(names)
+
+
+def activation_matmuls(graph) -> list[str]:
+    """MatMuls whose two inputs are both activations (no weight): attention's Q.K^T and softmax.V."""
+    weights = {i.name for i in graph.graph.initializer}
+    return [n.name for n in graph.graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
 
 
 def _method(name: str):
@@ -75,6 +96,10 @@ def collect_ranges(src, cache: Path, options: QuantOptions, reader) -> None:
     """Calibration ranges of the FP32 file `src` from `reader` (a `Samples`), written to
     `cache` in onnxruntime's JSON format, where `quantize_static` reads them back.
 
+    Every float tensor is calibrated, not only the quantized ops' inputs: TensorRT's implicit
+    calibration cache (trt_cache.py) needs a scale for each tensor an INT8 layer touches
+    (ReLU and Add outputs too); `quantize_static` takes from the file what it needs.
+
     One batch per `collect_data` call: onnxruntime's histogram calibrators hold every
     calibrated tensor of all the data one call reads before they histogram it (DETR-R50 at
     640: ~0.7 GB per image; 32 images were killed for memory on a 24 GiB machine, where one
@@ -86,7 +111,7 @@ def collect_ranges(src, cache: Path, options: QuantOptions, reader) -> None:
     from .data import Batches
 
     with tempfile.TemporaryDirectory(prefix="detr-edge-calib.") as tmp, _quiet():
-        calibrator = create_calibrator(Path(src), list(options.op_types),
+        calibrator = create_calibrator(Path(src), None,
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=_method(options.method))
         for feed in reader.batches():
@@ -115,6 +140,33 @@ def _unshare_initializers(graph, float_nodes: set) -> None:
                 copy.name = node.input[i] = f"{name}/{node.name}"
 
 
+def dedicate_qdq_pairs(graph) -> None:
+    """One Q/DQ pair per consumer, as TensorRT's fusions take them: onnxruntime's
+    DedicatedQDQPair splits a tensor's pair only among the nodes it quantizes, and hands
+    the same dequantized tensor to every other consumer too (a residual Add beside the
+    Conv it feeds, say)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    producers = {out: node for node in graph.graph.node for out in node.output}
+    uses: dict[str, list] = {}
+    for node in graph.graph.node:
+        for index, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, index))
+    for dq in [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]:
+        q = producers.get(dq.input[0])  # None for a weight's DQ: its input is an initializer
+        for copy_index, (node, index) in enumerate(uses.get(dq.output[0], [])[1:], 1):
+            dq_copy = graph.graph.node.add()
+            dq_copy.CopyFrom(dq)
+            dq_copy.name, dq_copy.output[0] = f"{dq.name}_{copy_index}", f"{dq.output[0]}_{copy_index}"
+            if q is not None and q.op_type == "QuantizeLinear":
+                q_copy = graph.graph.node.add()
+                q_copy.CopyFrom(q)
+                q_copy.name, q_copy.output[0] = f"{q.name}_{copy_index}", f"{q.output[0]}_{copy_index}"
+                dq_copy.input[0] = q_copy.output[0]
+            node.input[index] = dq_copy.output[0]
+    OnnxModel(graph).topological_sort()
+
+
 def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) -> dict:
     """Write the `flavour` INT8 file of FP32 `src` to `dst`. `cache` is the calibration-range
     file (onnxruntime's JSON): computed from `reader` when absent, reused when present."""
@@ -135,9 +187,11 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
         raise UserError(f"unknown flavour {flavour!r}: trt or cpu")
     trt = flavour == "trt"
     reduce_range = not trt and not options.vnni
-    exclude = excluded_nodes(graph, options)
+    exclude = excluded_nodes(graph, options, flavour)
     _unshare_initializers(graph, set(exclude))
     extra = {"ActivationSymmetric": trt, "WeightSymmetric": True, "QuantizeBias": not trt}
+    if trt:  # placed as TensorRT fuses them (onnxruntime's defaults suit its own CPU kernels)
+        extra.update(DedicatedQDQPair=True, OpTypesToExcludeOutputQuantization=list(OP_TYPES))
     with atomic_path(Path(dst)) as tmp, _quiet():
         try:
             quantize_static(graph, str(tmp), None, quant_format=QuantFormat.QDQ,
@@ -151,10 +205,15 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"{src}: quantization failed ({str(exc).splitlines()[0][:200]})") from None
         quantized = onnx.load(str(tmp))
+        if trt:
+            dedicate_qdq_pairs(quantized)
         meta["export"].update(precision="int8", int8={"flavour": flavour, "method": options.method,
                                                       "op_types": list(options.op_types),
                                                       "weight_bits": 7 if reduce_range else 8,
-                                                      "excluded_nodes": exclude})
+                                                      "attention": "quantized" if options.attention or not trt
+                                                      else "float", "excluded_nodes": exclude})
+        if trt and options.fp16 is not None:
+            quantized = options.fp16(quantized, meta)
         write_onnx_metadata(quantized, meta)
         onnx.save(quantized, str(tmp))
     return meta

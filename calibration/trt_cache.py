@@ -1,11 +1,16 @@
 """TensorRT's implicit-calibration cache, for users who build with `trtexec --int8
 --calib=FILE` on TensorRT 8.x/10.x (11 removed implicit calibration): written from the
-same calibration run as the Q/DQ files, so every path sees the same ranges.
+same calibration run as the Q/DQ files, so every path sees the same ranges, with a scale
+for every float tensor of the FP32 graph (TensorRT needs one for each tensor an INT8 layer
+touches, ReLU and Add outputs included, or it runs that layer in float).
 
 Format (text): a header `TRT-<version>-EntropyCalibration2`, then one line per tensor,
 `name: <scale as the 8 hex digits of a big-endian float32>`, scale = amax / 127.
 `<version>` is TensorRT's NV_TENSORRT_VERSION: major*1000 + minor*100 + patch up to 9.x
-(8.5.1 -> 8501, 8.6.1 -> 8601), major*10000 + minor*100 + patch from 10.0 on.
+(8.5.2 -> 8502, 8.6.1 -> 8601), major*10000 + minor*100 + patch from 10.0 on (10.3.0 ->
+100300). TensorRT ignores a cache whose header names another version (and calibrates
+again, which trtexec cannot without data), so the version is required, patch included:
+JetPack 5.1 has 8.5.2, 6.0 has 8.6.2, 6.1/6.2 have 10.3.0.
 """
 from __future__ import annotations
 
@@ -19,10 +24,12 @@ CALIBRATOR = "EntropyCalibration2"
 
 
 def version_tag(version: str) -> str:
+    parts = str(version).split(".")
     try:
-        major, minor, patch = (int(p) for p in (version.split(".") + ["0", "0"])[:3])
+        major, minor, patch = (int(p) for p in parts[:3])
     except ValueError:
-        raise UserError(f"TensorRT version {version!r} is not like 8.6.1") from None
+        raise UserError(f"TensorRT version {version!r} is not a full version like 8.5.2 (the cache header must "
+                        "match the target's exactly: python3 -c 'import tensorrt; print(tensorrt.__version__)')") from None
     if major >= 11:
         raise UserError("TensorRT 11 removed implicit INT8 calibration: use the Q/DQ file (*.int8.onnx)")
     return str(major * (10000 if major >= 10 else 1000) + minor * 100 + patch)
@@ -40,7 +47,7 @@ def scales_from_ranges(ranges) -> dict[str, float]:
     return scales
 
 
-def write_cache(path, scales: dict[str, float], trt_version: str = "8.6.1") -> None:
+def write_cache(path, scales: dict[str, float], trt_version: str) -> None:
     lines = [f"TRT-{version_tag(trt_version)}-{CALIBRATOR}"]
     lines += [f"{name}: {struct.pack('>f', scale).hex()}" for name, scale in scales.items()]
     with atomic_path(Path(path)) as tmp:

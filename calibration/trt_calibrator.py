@@ -1,46 +1,39 @@
-"""The legacy implicit INT8 calibrator for the engine builder on TensorRT 8.x/10.x:
-`EntropyCalibrator` feeds the same `Samples` as the Q/DQ path and reads/writes the same
-cache format (trt_cache.py). Defined only when a TensorRT that still has
-`IInt8EntropyCalibrator2` (< 11) is importable; `EntropyCalibrator` is None otherwise.
+"""The calibration data TensorRT's legacy implicit INT8 calibrator reads (8.x/10.x; 11
+removed it), for Polygraphy's `Calibrator`, which owns the device buffers, the uploads and
+the cache. The feed is the same `Samples` as the Q/DQ path: the runtime's sources and
+preprocessing, padding mask included.
 
-Device memory is the builder's business: it passes `upload(name, array) -> device pointer`
-(pycuda or cuda-python, whichever it uses), so this file needs no CUDA library.
+TensorRT's bindings swallow an exception raised inside `get_batch` and calibrate on what
+they got, possibly nothing; the feed keeps the error and the batch count, and `check()`
+turns them into one clear error after the build.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from runtime.errors import UserError
 
-from runtime.io import atomic_path
 
-try:
-    import tensorrt as trt
-except ImportError:  # no TensorRT here: nothing to define
-    trt = None
+class CalibrationFeed:
+    """Re-iterable {'images', 'mask'} batches of `samples` (a calibration.data.Samples)."""
 
-EntropyCalibrator = None
+    def __init__(self, samples):
+        self.samples = samples
+        self.batches = 0
+        self.error: BaseException | None = None
 
-if trt is not None and hasattr(trt, "IInt8EntropyCalibrator2"):
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self, samples, upload, cache_path):
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.samples, self.upload, self.cache_path = samples, upload, Path(cache_path)
-            self._batches = None
+    def __iter__(self):
+        self.batches, self.error = 0, None
+        try:
+            for feed in self.samples.batches():
+                self.batches += 1
+                yield feed
+        except Exception as exc:  # re-raised by check(): TensorRT would swallow it
+            self.error = exc
 
-        def get_batch_size(self) -> int:
-            return self.samples.batch
-
-        def get_batch(self, names, *_):
-            """Device pointers of the next batch in `names` order; None when the data ends."""
-            if self._batches is None:
-                self._batches = self.samples.batches()
-            feed = next(self._batches, None)
-            if feed is None:
-                return None
-            return [int(self.upload(name, feed[name])) for name in names]
-
-        def read_calibration_cache(self):
-            return self.cache_path.read_bytes() if self.cache_path.exists() else None
-
-        def write_calibration_cache(self, cache) -> None:
-            with atomic_path(self.cache_path) as tmp:
-                tmp.write_bytes(bytes(cache))
+    def check(self, had_cache: bool) -> None:
+        """After the build: the error the data raised, or no batch at all where no cache was read."""
+        if isinstance(self.error, UserError):
+            raise self.error
+        if self.error is not None:
+            raise UserError(f"calibration data failed: {type(self.error).__name__}: {self.error}")
+        if self.batches == 0 and not had_cache:
+            raise UserError("TensorRT's calibrator received no batch: the engine was not calibrated")

@@ -15,6 +15,7 @@ A gate per precision (TOLERANCES) turns that into pass/fail. Any object with the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -108,18 +109,24 @@ def gate(summary: dict, tolerances: dict) -> list[str]:
     return failures
 
 
+def check(checkpoint, models: list, data, **options) -> dict:
+    """Compare each model file (or Backend) with the checkpoint; returns the report (written to
+    `out`). The backends it loads are closed after; `options` are `_check`'s."""
+    with contextlib.ExitStack() as loaded:
+        backends = [loaded.enter_context(load_backend(m)) if isinstance(m, (str, Path)) else m for m in models]
+        return _check(checkpoint, backends, data, **options)
+
+
 @torch.no_grad()
-def check(checkpoint, models: list, data, split: str = "val", conf: float = 0.5, iou: float = 0.5,
-          batch_size: int = 4, limit: int | None = None, contiguous: bool = False, out=None,
-          tolerances: dict | None = None, device: str = "cpu") -> dict:
-    """Compare each model file (or Backend) with the checkpoint; returns the report (written to `out`)."""
+def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0.5, iou: float = 0.5,
+           batch_size: int = 4, limit: int | None = None, contiguous: bool = False, out=None,
+           tolerances: dict | None = None, device: str = "cpu") -> dict:
     from train.checkpoint import load_model
     from train.evaluate import coco_metrics, to_coco_results
     from train.predict import read_image
 
     model, _ = load_model(checkpoint)
     model.eval().to(device)
-    backends = [load_backend(m) if isinstance(m, (str, Path)) else m for m in models]
     images = Images.load(data, split, contiguous, limit)
     comparisons = [Comparison(b) for b in backends]
     reference_results: dict[tuple, list] = {}

@@ -4,6 +4,7 @@ never pay for (or need) torch."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -16,7 +17,7 @@ _EXTRAS = {"torch": "train", "torchvision": "train", "scipy": "train", "pycocoto
 
 
 def _register(sub) -> None:
-    from runtime.trt_versions import TARGETS
+    from .trt_plan import TARGETS
     p = sub.add_parser("export", help="(export) checkpoint -> ONNX (FP32, and FP16 with LayerNorm/Softmax kept FP32)")
     p.add_argument("checkpoint", help="ours, the official release's, or a Hugging Face DETR folder")
     p.add_argument("--out", help="ONNX file to write (default: beside the checkpoint, <name>.onnx; "
@@ -70,7 +71,11 @@ def _register(sub) -> None:
     p.add_argument("--auto", action="store_true", help="sensitivity search: keep the most AP-costly node "
                                                        "groups float until the AP drop is within --max-ap-drop")
     p.add_argument("--max-ap-drop", type=float, default=1.0, help="AP points (default 1.0)")
-    p.add_argument("--trt-version", default="8.6.1", help="TensorRT version written in the calibration cache header")
+    p.add_argument("--quantize-attention", action="store_true",
+                   help="TensorRT flavour: also quantize the MatMuls between two activations (Q.K^T, softmax.V)")
+    p.add_argument("--trt-version", help="also write <name>.calib.cache for trtexec --int8 --calib on this exact "
+                                         "TensorRT version (e.g. 8.5.2, 8.6.2, 10.3.0: TensorRT ignores a cache "
+                                         "whose header names another version)")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("build", help="(export) ONNX (fp32/fp16/int8) -> TensorRT engine + sidecar .engine.json")
@@ -87,6 +92,10 @@ def _register(sub) -> None:
     p.add_argument("--legacy-int8-calibrator", action="store_true",
                    help="TensorRT 8.x/10.x: INT8 by implicit calibration of the FP32 file (needs --calib-data)")
     p.add_argument("--calib-data", help="images/COCO json/video for --legacy-int8-calibrator")
+    p.add_argument("--calib-samples", type=int, default=256, help="frames for --legacy-int8-calibrator (default 256)")
+    p.add_argument("--plan", action="store_true", help="print the plan the build applies (JSON: flags, FP32 layers, "
+                                                       "profile, calibration, DLA) and build nothing; no TensorRT needed")
+    p.add_argument("--trt-version", help="with --plan: the TensorRT version to plan for (default: the installed one)")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("run", help="(runtime) real-time detection on a video, camera, stream or image folder")
@@ -188,14 +197,16 @@ def _calibrate(args) -> None:
     flavours = _split(args.flavour)
     if not flavours or set(flavours) - {"trt", "cpu"}:
         raise UserError(f"--flavour {args.flavour!r}: a comma list of trt, cpu")
-    options = QuantOptions(method=args.method, exclude=_split(args.exclude) or DEFAULT_EXCLUDE, vnni=args.vnni)
+    options = QuantOptions(method=args.method, exclude=_split(args.exclude) or DEFAULT_EXCLUDE, vnni=args.vnni,
+                           attention=args.quantize_attention)
     report = calibrate(args.model, args.data, flavours, args.samples, args.every, options, args.val_data,
                        args.auto, args.max_ap_drop, args.trt_version, args.val_limit)
     print(markdown(report))
 
 
 def _build(args) -> None:
-    from .trt_build import BuildOptions, build
+    from .trt_build import build
+    from .trt_plan import BuildOptions, plan
 
     batch = None
     if args.batch:
@@ -209,10 +220,25 @@ def _build(args) -> None:
         raise UserError("--gpu-fallback goes with --dla")
     options = BuildOptions(workspace_gib=args.workspace, batch=batch, timing_cache=args.timing_cache, dla=args.dla,
                            gpu_fallback=args.gpu_fallback, opt_level=args.opt_level, weakly_typed=args.weakly_typed,
-                           legacy_int8=args.legacy_int8_calibrator, calib_data=args.calib_data)
+                           legacy_int8=args.legacy_int8_calibrator, calib_data=args.calib_data,
+                           calib_samples=args.calib_samples)
+    if args.plan:
+        print(json.dumps(plan(args.model, args.trt_version or _installed_tensorrt(), options), indent=2))
+        return
+    if args.trt_version:
+        raise UserError("--trt-version goes with --plan: a build uses the installed TensorRT")
     sidecar = build(args.model, args.out, options)
     print(f"{sidecar['engine']['precision']} engine for {sidecar['engine']['gpu']}, "
           f"TensorRT {sidecar['engine']['tensorrt_version']}")
+
+
+def _installed_tensorrt() -> str:
+    try:
+        import tensorrt
+    except ImportError:
+        raise UserError("no TensorRT here: --plan needs --trt-version (e.g. 8.5.2 for JetPack 5, 10.3.0 for "
+                        "JetPack 6.1/6.2)") from None
+    return tensorrt.__version__
 
 
 def _run(args) -> None:

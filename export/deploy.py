@@ -10,6 +10,7 @@ inputs did not change.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -142,13 +143,14 @@ def _engines(steps: Steps, artifacts: dict, precisions) -> dict:
     """Engines of the TensorRT-bound files when TensorRT and a GPU are here; {} otherwise."""
     try:
         import tensorrt  # noqa: F401
-        from runtime.cuda import memory
-        memory().device_info()
+        from runtime.cuda import device_info
+        device_info()
     except Exception:
         log.warning("TensorRT or a GPU is missing here: stopping at the ONNX files (build engines with "
                     "detr-edge build on the target)")
         return {}
-    from .trt_build import build, engine_path
+    from .trt_build import build
+    from .trt_plan import engine_path
     engines = {}
     for precision in ("fp32", "fp16", "int8"):
         if precision in precisions:
@@ -163,42 +165,46 @@ def _latency(path, iters: int) -> dict:
 
     from runtime.backends import load_backend
     from runtime.run import model_alone
-    engine = load_backend(path)
-    frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
-    times = model_alone(engine, frame, iters)
+    with load_backend(path) as engine:
+        frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
+        times = model_alone(engine, frame, iters)
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
 
 
 def _samples(checkpoint, files, val_data, folder: Path, count: int = 3, conf: float = 0.5) -> list[str]:
     """A few validation images annotated by PyTorch and by each artifact, side by side."""
-    import cv2
-    import numpy as np
-
     from runtime.backends import load_backend
-    from runtime.draw import draw_detections
-    from runtime.preprocess import preprocess
     from train.checkpoint import load_model
-    from train.predict import predict_frames, read_image
 
     from .check import Images
     model, config = load_model(checkpoint)
     model.eval()
-    backends = [load_backend(f) for f in files]
-    written = []
-    for path in Images.load(val_data, limit=count).paths:
-        frame = read_image(path)
-        panels = [("PyTorch", predict_frames(model, [frame], config["preprocess"], conf)[0])]
-        panels += [(b.name, b.detect(preprocess([frame], b.spec), conf)[0]) for b in backends]
-        tiles = []
-        for title, detections in panels:
-            tile = draw_detections(frame, detections, config["classes"])
-            cv2.putText(tile, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-            tiles.append(tile)
-        target = folder / f"{path.stem}.jpg"
-        with atomic_path(target) as tmp:
-            cv2.imwrite(str(tmp), np.hstack(tiles))
-        written.append(str(target.relative_to(folder.parent)))
-    return written
+    with contextlib.ExitStack() as loaded:
+        backends = [loaded.enter_context(load_backend(f)) for f in files]
+        return [_sample(path, model, config, backends, folder, conf) for path in Images.load(val_data, limit=count).paths]
+
+
+def _sample(path: Path, model, config: dict, backends: list, folder: Path, conf: float) -> str:
+    """PyTorch's and each backend's detections on one image, side by side, as a jpg in `folder`."""
+    import cv2
+    import numpy as np
+
+    from runtime.draw import draw_detections
+    from runtime.preprocess import preprocess
+    from train.predict import predict_frames, read_image
+
+    frame = read_image(path)
+    panels = [("PyTorch", predict_frames(model, [frame], config["preprocess"], conf)[0])]
+    panels += [(b.name, b.detect(preprocess([frame], b.spec), conf)[0]) for b in backends]
+    tiles = []
+    for title, detections in panels:
+        tile = draw_detections(frame, detections, config["classes"])
+        cv2.putText(tile, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(tile)
+    target = folder / f"{path.stem}.jpg"
+    with atomic_path(target) as tmp:
+        cv2.imwrite(str(tmp), np.hstack(tiles))
+    return str(target.relative_to(folder.parent))
 
 
 def _summary(report: dict, latency: dict, artifacts: dict, engines: dict, int8_note) -> dict:

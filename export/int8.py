@@ -5,37 +5,43 @@ FP32 against INT8. The pieces live in calibration/; this wires them to the check
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from calibration.data import Samples
 from calibration.quantize import FLAVOURS, QuantOptions, quantize
 from calibration.search import latency_ms, search
-from calibration.trt_cache import scales_from_ranges, write_cache
+from calibration.trt_cache import scales_from_ranges, version_tag, write_cache
 from runtime.backends import load_backend
 from runtime.errors import UserError
 from runtime.io import atomic_path, write_json
 
 from .check import Images, coco_ap, pseudo_labelled
+from .fp16 import fp16_around_qdq
 
 log = logging.getLogger(__name__)
 
 
 def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: int = 1,
               options: QuantOptions | None = None, val_data=None, auto: bool = False, max_ap_drop: float = 1.0,
-              trt_version: str = "8.6.1", val_limit: int | None = None, against_fp32: bool = False) -> dict:
+              trt_version: str | None = None, val_limit: int | None = None, against_fp32: bool = False) -> dict:
     """`against_fp32`: measure AP against the FP32 file's own detections even on annotated
-    data (what `deploy` gates on: agreement with the reference, not task accuracy)."""
+    data (what `deploy` gates on: agreement with the reference, not task accuracy).
+    `trt_version` (full, e.g. 8.5.2): also write trtexec's implicit-calibration cache for it."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     model = Path(model)
-    options = options or QuantOptions()
+    # the TensorRT flavour's graph is FP16 around its Q/DQ where its target parses opset 19
+    options = replace(options or QuantOptions(), fp16=fp16_around_qdq)
+    if trt_version is not None:
+        version_tag(trt_version)  # refuse a bad version before the slow part
     fp32 = load_backend(model)
     if fp32.precision != "fp32":
         raise UserError(f"{model}: calibrate the FP32 file, not a {fp32.precision} one")
     if auto and val_data is None:
         raise UserError("--auto needs --val-data (held-out images to measure the AP on)")
-    stem = model.with_suffix("")
-    ranges, cache = stem.with_suffix(".calib.json"), stem.with_suffix(".calib.cache")
+    stem = model.with_suffix("")  # model.onnx -> model; trt8.5.onnx -> trt8.5 (not trt8)
+    ranges, cache = Path(f"{stem}.calib.json"), Path(f"{stem}.calib.cache")
     ranges.unlink(missing_ok=True)  # a fresh calibration each run: the ranges of these data
     reader = Samples(data, fp32.spec, samples, every, batch=fp32.batch or 1)
     report = {"model": str(model), "data": str(data), "method": options.method, "op_types": list(options.op_types),
@@ -65,10 +71,13 @@ def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: i
         if evaluate is not None:
             report["ap"][f"int8 {flavour}"] = evaluate(out)
     report["files"]["fp32"] = {"file": str(model), "MiB": round(model.stat().st_size / 2**20, 2)}
-    write_cache(cache, scales_from_ranges(load_tensors_data(ranges).data), trt_version)
-    report["trt_cache"] = {"file": str(cache), "trt_version": trt_version}
-    write_json(stem.with_suffix(".int8.report.json"), report)
-    with atomic_path(stem.with_suffix(".int8.report.md")) as tmp:
+    cache.unlink(missing_ok=True)  # never a cache of earlier ranges beside these files
+    report["trt_cache"] = None
+    if trt_version is not None:
+        write_cache(cache, scales_from_ranges(load_tensors_data(ranges).data), trt_version)
+        report["trt_cache"] = {"file": str(cache), "trt_version": trt_version}
+    write_json(Path(f"{stem}.int8.report.json"), report)
+    with atomic_path(Path(f"{stem}.int8.report.md")) as tmp:
         tmp.write_text(markdown(report))
     return report
 

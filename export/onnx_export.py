@@ -21,7 +21,7 @@ from torchvision.ops import box_convert
 from runtime.errors import UserError
 from runtime.io import atomic_path
 from runtime.metadata import preprocess_spec, write_onnx_metadata
-from runtime.trt_versions import TARGETS
+from .trt_plan import TARGETS
 
 log = logging.getLogger(__name__)
 

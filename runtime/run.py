@@ -31,7 +31,11 @@ def class_filter(text: str | None, classes: list[str]) -> set[int] | None:
 
 def run(model, source, backend: str = "auto", conf: float = 0.5, classes: str | None = None, show: bool = False,
         save: str | None = None, jsonl: str | None = None, max_frames: int | None = None, quiet: bool = False):
-    engine = load_backend(model, backend)
+    with load_backend(model, backend) as engine:
+        return _run(engine, source, conf, classes, show, save, jsonl, max_frames, quiet)
+
+
+def _run(engine, source, conf, classes, show, save, jsonl, max_frames, quiet):
     stream = Stream(engine, source, conf, class_filter(classes, engine.classes), max_frames)
     sinks = []
     ok = False
@@ -79,7 +83,11 @@ def model_alone(engine, frame: np.ndarray, iters: int, warmup: int = 5) -> list[
 def bench(model, backend: str = "auto", iters: int = 100, source=None, max_frames: int | None = None) -> dict:
     """Model alone (latency percentiles, throughput) and, with a source, the full pipeline
     over it, in one run."""
-    engine = load_backend(model, backend)
+    with load_backend(model, backend) as engine:
+        return _bench(engine, str(model), iters, source, max_frames)
+
+
+def _bench(engine, model: str, iters: int, source, max_frames) -> dict:
     stream = Stream(engine, source, max_frames=max_frames) if source is not None else None
     frame = None
     if stream is not None:  # a real frame of the source for the model-alone figure

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from gpu_report import gpu_report, pytest_runtest_logreport, pytest_sessionfinish  # noqa: F401 (hooks, fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 COCO_TINY = SHARED_DATA / "coco-tiny"
@@ -64,8 +66,8 @@ def sharp_model(config, seed: int = 0):
 # tensorrt extra and runs it.
 def _cuda_unavailable() -> str | None:
     try:
-        from runtime.cuda import memory
-        memory().device_info()
+        from runtime.cuda import device_info
+        device_info()
     except Exception as exc:  # no driver, no device, no CUDA Python binding
         return f"no usable CUDA device ({str(exc).splitlines()[0][:120]})"
     return None

@@ -1,6 +1,7 @@
 """The interface every backend implements, and what they share: the metadata, the fixed
-batch of a static-batch model (larger batches are run in chunks, the last one padded),
-and turning raw outputs into detections."""
+batch of a static-batch model (other batches are run in chunks, the last one padded), the
+largest batch of a dynamic one (larger batches are run in chunks), and turning raw outputs
+into detections."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,10 +13,22 @@ from ..postprocess import postprocess, postprocess_detections
 
 class Backend:
     """Subclasses set `self.meta` (validated detr-edge metadata), `self.name`, and
-    implement `_run(images, mask) -> tuple of numpy outputs` for one batch of the model's size."""
+    implement `_run(images, mask) -> tuple of numpy outputs` for one batch of the model's size
+    (at most `max_batch` images for a dynamic-batch model that has a limit). `close()` frees
+    what the backend holds; a backend is also a context manager."""
 
     name = "backend"
     meta: dict
+    max_batch: int | None = None  # the most images one call of a dynamic-batch model takes
+
+    def close(self) -> None:
+        """Free the backend's engine and buffers (nothing to do for most backends)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _set_meta(self, meta: dict, source: str) -> None:
         self.meta = validate(meta, source)
@@ -62,13 +75,14 @@ class Backend:
         images = np.ascontiguousarray(images, np.float32)
         mask = np.ascontiguousarray(mask, bool)
         fixed = self.batch
-        if fixed is None or fixed == images.shape[0]:
+        size = fixed or self.max_batch
+        if size is None or images.shape[0] == fixed or (fixed is None and images.shape[0] <= size):
             return self._run(images, mask)
         chunks = []
-        for start in range(0, images.shape[0], fixed):
-            part, part_mask = images[start:start + fixed], mask[start:start + fixed]
+        for start in range(0, images.shape[0], size):
+            part, part_mask = images[start:start + size], mask[start:start + size]
             count = part.shape[0]
-            if count < fixed:  # pad the last chunk with copies of its first image
+            if fixed and count < fixed:  # pad the last chunk of a fixed batch with copies of its first image
                 part = np.concatenate([part, np.repeat(part[:1], fixed - count, 0)])
                 part_mask = np.concatenate([part_mask, np.repeat(part_mask[:1], fixed - count, 0)])
             chunks.append([out[:count] for out in self._run(part, part_mask)])

@@ -1,8 +1,16 @@
 """TensorRT backend: an engine file plus its sidecar (`model.engine.json`: the ONNX
 metadata and what the engine was built with and for). Refuses an engine built for
-another TensorRT or GPU; allocates pinned host and device buffers once (per batch size);
+another TensorRT or GPU; allocates pinned host and device buffers once per batch size;
 copies in, executes and copies out asynchronously on one stream with the name-based
-tensor API (`set_tensor_address` + `execute_async_v3`, TensorRT 8.5 on)."""
+tensor API (`set_tensor_address` + `execute_async_v3`, TensorRT 8.5 on); splits a batch
+larger than the engine's optimization profile takes.
+
+Why not Polygraphy's TrtRunner, which Polygraphy itself calls a tool for prototyping and
+debugging: per frame it allocates output memory through a Python callback, copies
+through pageable host memory and checks every input on the host; docs/export.md has the
+measured overhead of both paths. The TensorRT logger is Polygraphy's process-wide one,
+the same the builder uses (TensorRT keeps one logger per process).
+"""
 from __future__ import annotations
 
 import json
@@ -36,6 +44,16 @@ def check_sidecar(meta: dict, trt_version: str, device: dict, source) -> None:
                         f"{device['gpu']} (sm {device['compute_capability']}): rebuild it on this GPU")
 
 
+def trt_logger():
+    """Polygraphy's process-wide TensorRT logger, shared with the engine builder."""
+    try:
+        from polygraphy.backend.trt.util import get_trt_logger
+    except ImportError:
+        raise UserError("the TensorRT backend needs NVIDIA's Polygraphy (its process-wide TensorRT logger): "
+                        "pip install polygraphy") from None
+    return get_trt_logger()
+
+
 class TensorRTBackend(Backend):
     def __init__(self, path, memory=None, trt=None):
         if trt is None:
@@ -44,38 +62,55 @@ class TensorRTBackend(Backend):
             except ImportError:
                 raise UserError("TensorRT is not installed: x86: pip install 'detr-edge[tensorrt]'; "
                                 "Jetson: JetPack's python3-libnvinfer") from None
-        from ..cuda import memory as cuda_memory
+        from .. import cuda
         path = Path(path)
         side = sidecar_path(path)
         if not side.exists():
             raise UserError(f"{path}: no sidecar {side.name} (build engines with detr-edge build)")
-        meta = json.loads(side.read_text())
-        self.trt, self.memory, self.name = trt, memory or cuda_memory(), path.name
-        check_sidecar(meta, trt.__version__, self.memory.device_info(), path)
+        try:
+            meta = json.loads(side.read_text())
+        except ValueError:
+            raise UserError(f"{side}: not JSON (write sidecars with detr-edge build)") from None
+        check_sidecar(meta, trt.__version__, cuda.device_info(), path)
         self._set_meta(validate(meta, str(side)), str(side))
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.trt, self.name = trt, path.name
+        runtime = trt.Runtime(trt_logger())
+        dla = (meta["engine"].get("plan") or {}).get("dla")
+        if dla:
+            runtime.DLA_core = int(dla["core"])
+        self.memory = memory or cuda.memory()
+        self.context = None
         with self.memory.active():
-            self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(path.read_bytes())
+            self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if self.engine is None:
+                self.memory.close()
                 raise UserError(f"{path}: TensorRT could not deserialize it (corrupt, or built elsewhere)")
             self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         order = OUTPUTS[self.raw]  # the ONNX graph's output order, whatever order the engine lists
         self.outputs = sorted((n for n in names if n not in self.inputs), key=lambda n: order.index(n) if n in order else 99)
+        if self.batch is None:  # min, opt, max of the optimization profile: batches beyond max are split
+            self.batch_range = tuple(int(shape[0]) for shape in self.engine.get_tensor_profile_shape(self.inputs[0], 0))
+            self.max_batch = self.batch_range[2]
         self._buffers: dict[int, dict] = {}
+
+    def _set_shapes(self, batch: int) -> None:
+        for name in self.inputs:
+            if not self.context.set_input_shape(name, (batch, *self.engine.get_tensor_shape(name)[1:])):
+                low, _, high = getattr(self, "batch_range", (self.batch,) * 3)
+                raise UserError(f"{self.name}: TensorRT refused batch {batch} for {name} (the engine takes "
+                                f"{low} to {high})")
 
     def _allocate(self, batch: int) -> dict:
         """Pinned host + device buffer per tensor for this batch size, made once."""
         if batch not in self._buffers:
-            engine = self.engine
             buffers = {}
             with self.memory.active():
-                for name in self.inputs:
-                    self.context.set_input_shape(name, (batch, *engine.get_tensor_shape(name)[1:]))
+                self._set_shapes(batch)
                 for name in self.inputs + self.outputs:
                     shape = tuple(self.context.get_tensor_shape(name))
-                    host = self.memory.host(shape, NUMPY[engine.get_tensor_dtype(name).name])
+                    host = self.memory.host(shape, NUMPY[self.engine.get_tensor_dtype(name).name])
                     buffers[name] = (host, self.memory.device(host.nbytes))
             self._buffers[batch] = buffers
         return self._buffers[batch]
@@ -84,8 +119,8 @@ class TensorRTBackend(Backend):
         buffers = self._allocate(images.shape[0])
         feed = {"images": images, "mask": mask}
         with self.memory.active():
+            self._set_shapes(images.shape[0])
             for name in self.inputs:
-                self.context.set_input_shape(name, feed[name].shape)
                 host, device = buffers[name]
                 np.copyto(host, feed[name].astype(host.dtype, copy=False))
                 self.memory.to_device(device, host)
@@ -98,3 +133,12 @@ class TensorRTBackend(Backend):
                 self.memory.to_host(host, device)
             self.memory.synchronize()
         return tuple(buffers[name][0].copy() for name in self.outputs)
+
+    def close(self) -> None:
+        """Destroy the execution context and engine inside their CUDA context, then free the buffers."""
+        if self.context is None:
+            return
+        with self.memory.active():
+            self.context = self.engine = None
+        self._buffers.clear()
+        self.memory.close()

@@ -1,14 +1,15 @@
 """The TensorRT backend's device memory (runtime/cuda.py) on a real GPU, which needs no
 TensorRT: pinned host arrays go to device buffers and back on the backend's one stream, in
 the backend's order (every copy in, then every copy out, one synchronize), from the
-thread that made them and from a worker thread, where the runtime's pipeline infers."""
+thread that made them and from a worker thread, where the runtime's pipeline infers; and
+closed, they give every byte back. pycuda works in the device's primary context."""
 import re
 import threading
 
 import numpy as np
 import pytest
 
-from runtime.cuda import CudaPython, PyCuda
+from runtime.cuda import CudaPython, PyCuda, _cuda_python_info, _pycuda_info
 
 
 @pytest.fixture(params=[CudaPython, PyCuda], ids=["cuda-python", "pycuda"])
@@ -44,8 +45,12 @@ def inputs(seed: int) -> dict:
             "logits": rng.standard_normal((4, 100, 92)).astype(np.float16)}
 
 
-def test_device_info_names_the_gpu(memory):
-    info = memory.device_info()
+@pytest.mark.parametrize("probe", [_cuda_python_info, _pycuda_info], ids=["cuda-python", "pycuda"])
+def test_device_info_names_the_gpu(probe):
+    try:
+        info = probe()
+    except ImportError:
+        pytest.skip("its binding is not installed")
     assert info["gpu"] and re.fullmatch(r"\d+\.\d+", info["compute_capability"])
 
 
@@ -71,3 +76,47 @@ def test_buffers_round_trip_from_a_worker_thread(memory):
     assert not errors, errors
     for name, array in arrays.items():
         np.testing.assert_array_equal(result[name], array)
+
+
+def _free_bytes() -> int:
+    from runtime.cuda import _cudart
+    _, free, _ = _cudart().cudaMemGetInfo()
+    return int(free)
+
+
+def test_close_frees_every_buffer_and_the_stream(memory):
+    """The backend's buffers used to live until the process ended (cuda-python's were never freed)."""
+    try:
+        before = _free_bytes()
+    except ImportError:
+        pytest.skip("cuda-python reads the free memory")
+    with memory.active():
+        for _ in range(4):
+            memory.device(256 * 2**20)
+        memory.host((64 * 2**20,), np.uint8)
+    assert before - _free_bytes() >= 1000 * 2**20
+    memory.close()
+    assert abs(before - _free_bytes()) <= 8 * 2**20
+    memory.close()  # a second close does nothing
+
+
+def test_pycuda_works_in_the_primary_context_tensorrt_uses():
+    """A private `make_context` made TensorRT's objects die outside the context that made them
+    (the 'defaultAllocator::deallocate' crashes); the primary context is the CUDA runtime's."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        pytest.skip("cuda-python's driver API names the primary context")
+    try:
+        memory = PyCuda()
+    except ImportError:
+        pytest.skip("pycuda is not installed")
+    import pycuda.driver as cuda
+    err, device = driver.cuDeviceGet(0)
+    err, primary = driver.cuDevicePrimaryCtxRetain(device)
+    try:
+        with memory.active():
+            assert int(cuda.Context.get_current().handle) == int(primary)
+        memory.close()
+    finally:
+        driver.cuDevicePrimaryCtxRelease(device)

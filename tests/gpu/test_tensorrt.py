@@ -1,5 +1,7 @@
 """TensorRT engines from the demo model (or, without one, a small model on the synthetic
-shapes), built, run and checked against PyTorch with the checker's gates."""
+shapes), built by their plans, run, and checked against PyTorch with the checker's gates
+and against the ONNX file each was built from; figures go to gpu-report.md."""
+import json
 import statistics
 import time
 from pathlib import Path
@@ -7,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.check import check
+from export.check import Images, check, coco_ap
 from export.cli import main
+from export.trt_plan import parse_version, target_for
 from runtime.backends import load_backend
 from runtime.errors import UserError
 from train.checkpoint import save_checkpoint
@@ -26,6 +29,7 @@ SMALL = DETRConfig(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, d
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    import tensorrt
     root = tmp_path_factory.mktemp("gpu")
     data = ROOT / "demo-out" / "data"
     if not (data / "annotations" / "instances_val.json").exists():
@@ -36,61 +40,80 @@ def files(tmp_path_factory):
         checkpoint = root / "small.pth"
         save_checkpoint(checkpoint, sharp_model(SMALL), checkpoint_config(SMALL, (128, 128), ["N/A", "square", "circle", "triangle", "star"]))
     onnx = root / "model.onnx"
-    assert main(["export", str(checkpoint), "--out", str(onnx), "--dynamic-batch", "--precision", "fp32,fp16"]) == 0
+    target = target_for(parse_version(tensorrt.__version__))  # the opset this TensorRT parses
+    assert main(["export", str(checkpoint), "--out", str(onnx), "--dynamic-batch", "--precision", "fp32,fp16",
+                 "--target", target]) == 0
     assert main(["calibrate", str(onnx), "--data", str(data / "train"), "--samples", "64", "--flavour", "trt"]) == 0
     engines = {}
     for suffix in (".onnx", ".fp16.onnx", ".int8.onnx"):
         source = onnx.with_suffix(suffix)
-        assert main(["build", str(source), "--batch", "1,4,4", "--timing-cache", str(root / "timing.cache")]) == 0
-        engines[suffix] = source.with_suffix(".engine")
+        assert main(["build", str(source), "--batch", "1,4,8", "--timing-cache", str(root / "timing.cache")]) == 0
+        engines[source] = source.with_suffix(".engine")
+    if parse_version(tensorrt.__version__) < (11, 0, 0):  # TensorRT's own implicit calibration, 8.x/10.x only
+        legacy = root / "legacy.engine"
+        assert main(["build", str(onnx), "--out", str(legacy), "--legacy-int8-calibrator", "--calib-data",
+                     str(data / "train"), "--calib-samples", "64"]) == 0
+        engines[onnx] = engines[onnx], legacy
     return checkpoint, data, engines
 
 
-def test_engines_pass_the_gates(files):
+def _engines(engines: dict) -> list:
+    return [(source, engine) for source, built in engines.items() for engine in (built if isinstance(built, tuple) else (built,))]
+
+
+def test_engines_pass_the_gates(files, gpu_report):
     checkpoint, data, engines = files
-    report = check(checkpoint, list(engines.values()), data, conf=0.5)
-    for model in report["models"]:
-        print(model["file"], model["precision"], model["detections"], model.get("coco"))
+    report = check(checkpoint, [engine for _, engine in _engines(engines)], data, conf=0.5)
+    images = Images.load(data / "annotations" / "instances_val.json")
+    for (source, engine), model in zip(_engines(engines), report["models"]):
+        with load_backend(engine) as trt, load_backend(source) as onnx:
+            batch = (np.random.default_rng(0).standard_normal((4, 3, *trt.imgsz), dtype=np.float32),
+                     np.zeros((4, *trt.imgsz), bool))
+            diffs = [float(np.abs(a - b).max()) for a, b in zip(trt.infer(*batch), onnx.infer(*batch))]
+            gpu_report.add(engine=engine.name, precision=model["precision"], AP=model.get("coco", {}).get("AP"),
+                           AP_delta_vs_pytorch=model.get("coco", {}).get("AP_delta"), AP_onnx=coco_ap(onnx, images),
+                           logits_max_abs_vs_onnx=diffs[0], boxes_max_abs_vs_onnx=diffs[1],
+                           agreement=model["detections"]["agreement"], gate="pass" if model["gate"]["passed"] else
+                           "; ".join(model["gate"]["failures"]), p50_ms_batch1=_latency(trt))
     assert report["passed"], [m["gate"]["failures"] for m in report["models"]]
     fp32 = report["models"][0]
     assert fp32["tensors"]["logits"]["max_abs"] <= 1e-3 and fp32["tensors"]["boxes"]["max_abs"] <= 1e-3
 
 
-def test_dynamic_batch_1_and_4(files):
+def _latency(backend, runs: int = 50) -> float:
+    images, mask = np.zeros((1, 3, *backend.imgsz), np.float32), np.zeros((1, *backend.imgsz), bool)
+    for _ in range(10):
+        backend.infer(images, mask)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        backend.infer(images, mask)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def test_batches_within_and_beyond_the_profile(files):
     _, _, engines = files
-    backend = load_backend(engines[".onnx"])
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((4, 3, *backend.imgsz), dtype=np.float32)
-    mask = np.zeros((4, *backend.imgsz), bool)
-    mask[1, 100:] = True
-    four = backend.infer(images, mask)
-    one = backend.infer(images[1:2], mask[1:2])
-    np.testing.assert_allclose(four[0][1:2], one[0], atol=1e-3)
+    engine = next(e for s, e in _engines(engines) if s.suffix == ".onnx" and e.name == "model.engine")
+    with load_backend(engine) as backend:
+        assert backend.max_batch == 8
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((11, 3, *backend.imgsz), dtype=np.float32)
+        mask = np.zeros((11, *backend.imgsz), bool)
+        mask[1, 100:] = True
+        eleven = backend.infer(images, mask)  # 8 + 3
+        one = backend.infer(images[1:2], mask[1:2])
+        np.testing.assert_allclose(eleven[0][1:2], one[0], atol=1e-3)
+        assert eleven[0].shape[0] == 11
 
 
 def test_mismatched_sidecar_is_refused(files, tmp_path):
-    import json
     _, _, engines = files
+    source = next(e for _, e in _engines(engines))
     engine = tmp_path / "m.engine"
-    engine.write_bytes(engines[".onnx"].read_bytes())
-    sidecar = json.loads(Path(f"{engines['.onnx']}.json").read_text())
+    engine.write_bytes(source.read_bytes())
+    sidecar = json.loads(Path(f"{source}.json").read_text())
     sidecar["engine"]["tensorrt_version"] = "8.5.0"
     Path(f"{engine}.json").write_text(json.dumps(sidecar))
     with pytest.raises(UserError, match="built with TensorRT 8.5.0"):
         load_backend(engine)
-
-
-def test_time_each_engine(files):
-    _, _, engines = files
-    for suffix, path in engines.items():
-        backend = load_backend(path)
-        images = np.zeros((1, 3, *backend.imgsz), np.float32)
-        mask = np.zeros((1, *backend.imgsz), bool)
-        for _ in range(10):
-            backend.infer(images, mask)
-        times = []
-        for _ in range(50):
-            start = time.perf_counter()
-            backend.infer(images, mask)
-            times.append(time.perf_counter() - start)
-        print(f"{path.name}: median {statistics.median(times) * 1000:.2f} ms (batch 1, copies included)")
