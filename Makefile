@@ -19,11 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# the GPU suite (tests/gpu): needs an NVIDIA GPU. The tensorrt extra brings TensorRT and
-# pycuda (built from source against CUDA); where pycuda cannot build, cuda-python instead.
+# the GPU suite (tests/gpu): needs an NVIDIA GPU. The tensorrt extra brings TensorRT,
+# Polygraphy and cuda-python (pin it to the driver's CUDA major where the latest does not
+# start: docs/jetson.md); where TensorRT cannot install, the CUDA-only tests still run.
+# Writes gpu-report.md.
 test-gpu: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[tensorrt]" || \
-	    $(PY) -m pip install --quiet tensorrt cuda-python
+	    $(PY) -m pip install --quiet polygraphy cuda-python
 	$(PY) -m pytest -q -rs -m gpu tests/gpu
 
 demo: $(STAMP)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 from runtime.errors import UserError
@@ -223,7 +224,8 @@ def _build(args) -> None:
                            legacy_int8=args.legacy_int8_calibrator, calib_data=args.calib_data,
                            calib_samples=args.calib_samples)
     if args.plan:
-        print(json.dumps(plan(args.model, args.trt_version or _installed_tensorrt(), options), indent=2))
+        text = json.dumps(plan(args.model, args.trt_version or _installed_tensorrt(), options), indent=2)
+        print(re.sub(r"\[([-\d\s,]+)\]", lambda m: f"[{', '.join(m[1].split())}]".replace(",,", ","), text))  # shapes on one line
         return
     if args.trt_version:
         raise UserError("--trt-version goes with --plan: a build uses the installed TensorRT")
