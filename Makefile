@@ -29,7 +29,7 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -rs -m gpu tests/gpu
 
 demo: $(STAMP)
-	$(PY) -m export.demo --out $(DEMO) --minutes $(DEMO_MINUTES)
+	$(PY) -m detr_edge.demo --out $(DEMO) --minutes $(DEMO_MINUTES)
 
 clean:
 	rm -rf $(VENV) $(DEMO)

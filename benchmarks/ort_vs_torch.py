@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.floor import gemm_rate  # noqa: E402
 from benchmarks.timing import describe, interleaved  # noqa: E402
-from export.onnx_export import ExportOptions, export_onnx  # noqa: E402
-from runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
-from runtime.metadata import parse_imgsz, preprocess_spec  # noqa: E402
-from runtime.preprocess import preprocess  # noqa: E402
-from train.config import checkpoint_config, preset  # noqa: E402
-from train.detr import DETR  # noqa: E402
+from detr_edge.export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from detr_edge.runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
+from detr_edge.runtime.metadata import parse_imgsz, preprocess_spec  # noqa: E402
+from detr_edge.runtime.preprocess import preprocess  # noqa: E402
+from detr_edge.train.config import checkpoint_config, preset  # noqa: E402
+from detr_edge.train.detr import DETR  # noqa: E402
 
 
 def main():

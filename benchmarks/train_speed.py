@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.config import DETRConfig  # noqa: E402
-from train.criterion import SetCriterion  # noqa: E402
-from train.detr import DETR  # noqa: E402
-from train.engine import TrainingModel, TrainOptions, clip_gradients, optimizer_for  # noqa: E402
+from detr_edge.train.config import DETRConfig  # noqa: E402
+from detr_edge.train.criterion import SetCriterion  # noqa: E402
+from detr_edge.train.detr import DETR  # noqa: E402
+from detr_edge.train.engine import TrainingModel, TrainOptions, clip_gradients, optimizer_for  # noqa: E402
 
 LR, LR_BACKBONE = 1e-4, 1e-5  # the official defaults
 

@@ -52,9 +52,9 @@ def main() -> None:
     from polygraphy.backend.trt import TrtRunner
     from polygraphy.logger import G_LOGGER
 
-    from runtime.backends.trt import TensorRTBackend
-    from runtime.cuda import device_info
-    from runtime.metadata import preprocess_spec
+    from detr_edge.runtime.backends.trt import TensorRTBackend
+    from detr_edge.runtime.cuda import device_info
+    from detr_edge.runtime.metadata import preprocess_spec
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     device = device_info()

@@ -12,10 +12,10 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from runtime.errors import UserError
-from runtime.io import coco_image_folder
-from runtime.preprocess import preprocess
-from runtime.sources import open_source
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import coco_image_folder
+from detr_edge.runtime.preprocess import preprocess
+from detr_edge.runtime.sources import open_source
 
 
 def image_paths(annotations: Path) -> list[Path]:

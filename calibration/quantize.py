@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runtime.errors import UserError
-from runtime.io import atomic_path
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from runtime.metadata import read_onnx_metadata, write_onnx_metadata
+    from detr_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
 
     if not Path(cache).is_file():
         if reader is None:

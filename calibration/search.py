@@ -49,7 +49,7 @@ def node_groups(graph, op_types) -> dict[str, list[str]]:
 
 
 def latency_ms(path, runs: int = 5) -> float:
-    from runtime.backends.ort import OnnxRuntimeBackend
+    from detr_edge.runtime.backends.ort import OnnxRuntimeBackend
     backend = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"])
     batch = backend.batch or 1
     images = np.zeros((batch, 3, *backend.imgsz), np.float32)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from runtime.errors import UserError
-from runtime.io import atomic_path
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path
 
 CALIBRATOR = "EntropyCalibration2"
 

@@ -9,7 +9,7 @@ turns them into one clear error after the build.
 """
 from __future__ import annotations
 
-from runtime.errors import UserError
+from detr_edge.runtime.errors import UserError
 
 
 class CalibrationFeed:

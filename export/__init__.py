@@ -1,2 +1,2 @@
-"""Export stage: torch -> ONNX (FP32/FP16), TensorRT engines, and the backend checker.
-It may import every other stage, so the `detr-edge` command line starts here."""
+"""Export stage: torch -> ONNX (FP32/FP16), the TensorRT build plan and the builder that
+applies it through Polygraphy."""

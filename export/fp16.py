@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from runtime.errors import UserError
-from runtime.io import atomic_path
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path
 
 from .trt_plan import TARGETS
 
@@ -81,7 +81,7 @@ def convert_fp16(src, dst, keep_ops=KEEP_FP32_OPS, keep_names=KEEP_FP32_NAMES) -
     `keep_ops`, or whose name contains one of `keep_names`, stay FP32."""
     import onnx
 
-    from runtime.metadata import read_onnx_metadata, write_onnx_metadata
+    from detr_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
 
     graph = onnx.load(str(src))
     meta = read_onnx_metadata(graph, src)

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
-from runtime.errors import UserError
-from runtime.io import atomic_path
-from runtime.metadata import preprocess_spec, write_onnx_metadata
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path
+from detr_edge.runtime.metadata import preprocess_spec, write_onnx_metadata
 from .trt_plan import TARGETS
 
 log = logging.getLogger(__name__)

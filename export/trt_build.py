@@ -15,9 +15,9 @@ import re
 import time
 from pathlib import Path
 
-from runtime.errors import UserError
-from runtime.io import atomic_path, write_json
-from runtime.metadata import read_onnx_metadata
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path, write_json
+from detr_edge.runtime.metadata import read_onnx_metadata
 
 from .trt_plan import BuildOptions, calibrator_cache_path, engine_path, plan
 
@@ -45,7 +45,7 @@ def build(onnx_path, out=None, options: BuildOptions | None = None) -> dict:
     """Build the engine of `onnx_path` by its plan; returns the sidecar written beside it."""
     import onnx
 
-    from runtime.cuda import device_info
+    from detr_edge.runtime.cuda import device_info
 
     options = options or BuildOptions()
     onnx_path = Path(onnx_path)
@@ -102,8 +102,8 @@ def _apply(p: dict, onnx_path: Path, nodes: set, meta: dict, trt, polygraphy_trt
 
 
 def _feed(calibration: dict, meta: dict):
-    from calibration.data import Samples
-    from calibration.trt_calibrator import CalibrationFeed
+    from detr_edge.calibration.data import Samples
+    from detr_edge.calibration.trt_calibrator import CalibrationFeed
     return CalibrationFeed(Samples(calibration["data"], meta["preprocess"], calibration["samples"],
                                    batch=calibration["batch"]))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime.errors import UserError
+from detr_edge.runtime.errors import UserError
 
 # export target -> (default opset, lowest, highest) the consumer parses (../shared/reference/tensorrt.md)
 TARGETS = {
@@ -113,7 +113,7 @@ def plan(onnx_path, trt_version: str, options: BuildOptions | None = None, devic
     known on the device only) lets the DLA core be checked too."""
     import onnx
 
-    from runtime.metadata import read_onnx_metadata
+    from detr_edge.runtime.metadata import read_onnx_metadata
 
     from .fp16 import KEEP_FP32_NAMES, KEEP_FP32_OPS, fp32_nodes
 

@@ -43,7 +43,7 @@ def photos_by_aspect(coco_photos):
 
 def small_config():
     """The small DETR of the stage tests: 5 classes (the shapes' ids 1..4), 12 queries."""
-    from train.config import DETRConfig
+    from detr_edge.train.config import DETRConfig
     return DETRConfig(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
                       dim_feedforward=128, num_queries=12, num_classes=5, dropout=0.0)
 
@@ -52,7 +52,7 @@ def sharp_model(config, seed: int = 0):
     """A random DETR whose class head is sharpened, so scores spread over 0..1 and a good
     share of queries pass 0.5 (a fresh head scores every query near 1/K)."""
     import torch
-    from train.detr import DETR
+    from detr_edge.train.detr import DETR
     torch.manual_seed(seed)
     model = DETR(config).eval()
     with torch.no_grad():
@@ -66,7 +66,7 @@ def sharp_model(config, seed: int = 0):
 # tensorrt extra and runs it.
 def _cuda_unavailable() -> str | None:
     try:
-        from runtime.cuda import device_info
+        from detr_edge.runtime.cuda import device_info
         device_info()
     except Exception as exc:  # no driver, no device, no CUDA Python binding
         return f"no usable CUDA device ({str(exc).splitlines()[0][:120]})"

@@ -44,7 +44,7 @@ def _machine() -> list[str]:
     probes = {
         "TensorRT": lambda: __import__("tensorrt").__version__,
         "Polygraphy": lambda: __import__("polygraphy").__version__,
-        "GPU": lambda: "{gpu} (sm {compute_capability})".format(**__import__("runtime.cuda", fromlist=["x"]).device_info()),
+        "GPU": lambda: "{gpu} (sm {compute_capability})".format(**__import__("detr_edge.runtime.cuda", fromlist=["x"]).device_info()),
         "CUDA driver": _driver,
         "cuda-python": lambda: __import__("cuda.bindings", fromlist=["x"]).__version__,
         "pycuda": lambda: __import__("pycuda").VERSION_TEXT,
@@ -62,7 +62,7 @@ def _machine() -> list[str]:
 
 
 def _driver() -> str:
-    from runtime.cuda import _cudart
+    from detr_edge.runtime.cuda import _cudart
     _, version = _cudart().cudaDriverGetVersion()
     return f"supports CUDA {version // 1000}.{version % 1000 // 10}"
 

@@ -10,15 +10,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from calibration.data import Batches, Samples, frames
-from calibration.trt_cache import read_cache, scales_from_ranges, version_tag, write_cache
-from export.cli import main
-from export.onnx_export import ExportOptions, export_onnx
-from runtime.errors import UserError
-from runtime.metadata import preprocess_spec, read_onnx_metadata
-from runtime.preprocess import preprocess
-from train.config import checkpoint_config
-from train.synth import synthesize
+from detr_edge.calibration.data import Batches, Samples, frames
+from detr_edge.calibration.trt_cache import read_cache, scales_from_ranges, version_tag, write_cache
+from detr_edge.cli import main
+from detr_edge.export.onnx_export import ExportOptions, export_onnx
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.metadata import preprocess_spec, read_onnx_metadata
+from detr_edge.runtime.preprocess import preprocess
+from detr_edge.train.config import checkpoint_config
+from detr_edge.train.synth import synthesize
 
 from conftest import ROOT, sharp_model, small_config
 
@@ -67,7 +67,7 @@ def test_no_readable_image_fails_clearly_and_writes_nothing(work, tmp_path):
         list(Samples(tmp_path, SPEC, progress=False).batches())
     model = tmp_path / "m.onnx"
     model.write_bytes((work / "m.onnx").read_bytes())
-    proc = subprocess.run([sys.executable, "-m", "export.cli", "calibrate", str(model), "--data", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "detr_edge", "calibrate", str(model), "--data", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no readable image" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jpg", "m.onnx"]
@@ -83,7 +83,7 @@ def test_ranges_collected_batch_by_batch_equal_one_pass(work, tmp_path):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    from calibration.quantize import QuantOptions, collect_ranges
+    from detr_edge.calibration.quantize import QuantOptions, collect_ranges
 
     def samples():
         return Samples(work / "data" / "train", SPEC, samples=5, progress=False)
@@ -147,7 +147,7 @@ def test_tensorrt_flavour_is_placed_as_tensorrt_fuses_it(calibrated):
     """A dedicated Q/DQ pair per consumer, none on Conv/MatMul/Gemm outputs, the MatMuls
     between two activations left float, and FP16 between the pairs (opset 19, FP16 scales)
     except the FP32 islands of the FP16 file."""
-    from export.fp16 import fp32_nodes
+    from detr_edge.export.fp16 import fp32_nodes
     path = calibrated / "m.int8.onnx"
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     export = read_onnx_metadata(graph, path)["export"]
@@ -185,8 +185,8 @@ def test_tensorrt_flavour_is_placed_as_tensorrt_fuses_it(calibrated):
 def test_tensorrt_flavour_for_tensorrt_8_keeps_the_fp32_graph_and_can_quantize_attention(work, tmp_path):
     """TensorRT 8.x parses no opset 19 (FP32 Q/DQ only): the graph stays FP32 and the builder
     sets FP16 with the islands pinned. `attention` quantizes Q.K^T and softmax.V too."""
-    from calibration.quantize import QuantOptions, quantize
-    from export.fp16 import fp16_around_qdq
+    from detr_edge.calibration.quantize import QuantOptions, quantize
+    from detr_edge.export.fp16 import fp16_around_qdq
     source = tmp_path / "m86.onnx"
     export_onnx(sharp_model(SMALL), checkpoint_config(SMALL, (128, 128), None), source, ExportOptions(target="trt8.6"))
     options = QuantOptions(fp16=fp16_around_qdq, attention=True)
@@ -290,7 +290,7 @@ def test_no_trt_cache_without_a_version(work, tmp_path, capsys):
 
 
 def test_the_legacy_calibrators_feed_keeps_errors_and_counts_batches(work):
-    from calibration.trt_calibrator import CalibrationFeed
+    from detr_edge.calibration.trt_calibrator import CalibrationFeed
     feed = CalibrationFeed(Samples(work / "data" / "train", SPEC, samples=5, batch=2, progress=False))
     assert [b["images"].shape[0] for b in feed] == [2, 2, 2] and feed.batches == 3  # re-iterable
     assert [b["mask"].dtype for b in feed] == [np.dtype(bool)] * 3

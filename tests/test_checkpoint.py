@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from runtime.errors import UserError
-from train.checkpoint import load_model, save_checkpoint
-from train.config import DETRConfig, checkpoint_config
-from train.detr import DETR
+from detr_edge.runtime.errors import UserError
+from detr_edge.train.checkpoint import load_model, save_checkpoint
+from detr_edge.train.config import DETRConfig, checkpoint_config
+from detr_edge.train.detr import DETR
 
 from conftest import ROOT
 
@@ -136,7 +136,7 @@ def test_bad_files_give_one_clear_line(tmp_path, small_model, kind, monkeypatch)
         load_model(path)
     assert not (tmp_path / "pwned").exists()
 
-    proc = subprocess.run([sys.executable, "-m", "export.cli", "info", str(path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "detr_edge", "info", str(path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torchvision.ops import box_convert
 
-from runtime.errors import UserError
-from runtime.metadata import preprocess_spec
-from runtime.preprocess import preprocess
-from train.data import CocoDetection, Transform, collate, find_split
-from train.synth import CLASSES, synthesize
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.metadata import preprocess_spec
+from detr_edge.runtime.preprocess import preprocess
+from detr_edge.train.data import CocoDetection, Transform, collate, find_split
+from detr_edge.train.synth import CLASSES, synthesize
 
 from conftest import COCO_TINY
 

@@ -2,8 +2,8 @@
 assignment, their loss terms, and that they leave the model's outputs untouched."""
 import torch
 
-from train.criterion import SetCriterion
-from train.dense_head import DenseHead, assign_cells
+from detr_edge.train.criterion import SetCriterion
+from detr_edge.train.dense_head import DenseHead, assign_cells
 
 
 def head_on_half_padded_grid():
@@ -66,9 +66,9 @@ def test_criterion_adds_the_encoder_terms_with_the_set_loss_weights():
 
 
 def test_backbone_head_reads_layer3_and_leaves_the_model_untouched():
-    from train.config import preset
-    from train.detr import DETR
-    from train.engine import TrainingModel
+    from detr_edge.train.config import preset
+    from detr_edge.train.detr import DETR
+    from detr_edge.train.engine import TrainingModel
     torch.manual_seed(0)
     config = preset("detr_r18_tiny")[0]
     model = DETR(config).eval()

@@ -8,10 +8,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.cli import main
-from train.checkpoint import save_checkpoint
-from train.config import checkpoint_config
-from train.synth import synthesize
+from detr_edge.cli import main
+from detr_edge.train.checkpoint import save_checkpoint
+from detr_edge.train.config import checkpoint_config
+from detr_edge.train.synth import synthesize
 
 from conftest import sharp_model, small_config
 

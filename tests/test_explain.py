@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from export.cli import main
-from export.onnx_export import ExportOptions, export_onnx
-from runtime.metadata import preprocess_spec
-from runtime.preprocess import preprocess
-from train.checkpoint import load_model, save_checkpoint
-from train.config import checkpoint_config
-from train.explain import AttentionRecorder, explain
-from train.predict import predict_frames
-from train.synth import scene, synthesize
+from detr_edge.cli import main
+from detr_edge.export.onnx_export import ExportOptions, export_onnx
+from detr_edge.runtime.metadata import preprocess_spec
+from detr_edge.runtime.preprocess import preprocess
+from detr_edge.train.checkpoint import load_model, save_checkpoint
+from detr_edge.train.config import checkpoint_config
+from detr_edge.train.explain import AttentionRecorder, explain
+from detr_edge.train.predict import predict_frames
+from detr_edge.train.synth import scene, synthesize
 
 from conftest import ROOT, sharp_model, small_config
 

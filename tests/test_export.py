@@ -12,14 +12,14 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export.cli import main
-from export.onnx_export import ExportOptions, export_onnx
-from runtime.backends import load_backend
-from runtime.metadata import preprocess_spec
-from runtime.postprocess import postprocess
-from runtime.preprocess import preprocess
-from train.checkpoint import load_model, save_checkpoint
-from train.config import DETRConfig, checkpoint_config
+from detr_edge.cli import main
+from detr_edge.export.onnx_export import ExportOptions, export_onnx
+from detr_edge.runtime.backends import load_backend
+from detr_edge.runtime.metadata import preprocess_spec
+from detr_edge.runtime.postprocess import postprocess
+from detr_edge.runtime.preprocess import preprocess
+from detr_edge.train.checkpoint import load_model, save_checkpoint
+from detr_edge.train.config import DETRConfig, checkpoint_config
 
 from conftest import NO_TORCH, ROOT, sharp_model
 
@@ -110,8 +110,8 @@ def test_graph_keeps_to_tensorrt_parser_rules(dynamic_onnx):
 
 RUN_WITHOUT_TORCH = NO_TORCH + """
 import numpy as np
-from runtime.backends import load_backend
-from runtime.preprocess import preprocess
+from detr_edge.runtime.backends import load_backend
+from detr_edge.runtime.preprocess import preprocess
 backend = load_backend(sys.argv[1])
 frame = np.random.default_rng(0).integers(0, 255, (240, 400, 3), np.uint8)
 print(len(backend.detect(preprocess([frame, frame], backend.spec), conf=0.0)[1]['scores']))
@@ -224,7 +224,7 @@ def test_check_passes_the_export_and_fails_a_perturbed_weight(checkpoint, dynami
 ])
 def test_export_refuses_bad_input_in_one_line(checkpoint, tmp_path, args, message):
     out = tmp_path / "x.onnx"
-    command = [sys.executable, "-m", "export.cli", "export", *[a.format(ckpt=checkpoint) for a in args], "--out", str(out)]
+    command = [sys.executable, "-m", "detr_edge", "export", *[a.format(ckpt=checkpoint) for a in args], "--out", str(out)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -8,11 +8,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noqa: E402
 
-from runtime.metadata import preprocess_spec  # noqa: E402
-from runtime.preprocess import preprocess  # noqa: E402
-from train import hf  # noqa: E402
-from train.checkpoint import load_model, read_checkpoint  # noqa: E402
-from train.detr import DETR  # noqa: E402
+from detr_edge.runtime.metadata import preprocess_spec  # noqa: E402
+from detr_edge.runtime.preprocess import preprocess  # noqa: E402
+from detr_edge.train import hf  # noqa: E402
+from detr_edge.train.checkpoint import load_model, read_checkpoint  # noqa: E402
+from detr_edge.train.detr import DETR  # noqa: E402
 
 R50 = dict(backbone=ResNetConfig(out_features=["stage4"]), detr={})
 SMALL = dict(backbone=ResNetConfig(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
@@ -66,7 +66,7 @@ def calibrate_frozen_batchnorm(backbone, images):
 
 def our_model(hf_detr):
     state_dict = hf.convert_state_dict(hf_detr.state_dict())
-    from train.checkpoint import infer_model_config
+    from detr_edge.train.checkpoint import infer_model_config
     options = hf.options_from_hf_config(hf_detr.config.to_dict())
     options.pop("classes")
     model = DETR(infer_model_config(state_dict, **options)).eval()
@@ -83,7 +83,7 @@ def frames():
     if photos:
         loaded = sorted((cv2.imread(str(p)) for p in photos), key=lambda f: f.shape[1] / f.shape[0])
         return [loaded[-1], loaded[0], loaded[len(loaded) // 2]]  # widest, tallest, middle
-    from train.synth import scene
+    from detr_edge.train.synth import scene
     rng = np.random.default_rng(0)
     return [scene(rng, h, w)[0] for h, w in ((360, 640), (640, 427), (480, 500))]
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou
 
-from train.criterion import SetCriterion
-from train.matcher import HungarianMatcher
+from detr_edge.train.criterion import SetCriterion
+from detr_edge.train.matcher import HungarianMatcher
 
 
 def brute_force(logits, boxes, target, w=(1.0, 5.0, 2.0)):
@@ -125,8 +125,8 @@ def test_aux_losses_one_term_per_decoder_layer():
 
 
 def test_group_detr_groups_are_blind_and_matched_separately():
-    from train.config import DETRConfig
-    from train.detr import DETR
+    from detr_edge.train.config import DETRConfig
+    from detr_edge.train.detr import DETR
     torch.manual_seed(0)
     model = DETR(DETRConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
                             dim_feedforward=32, num_queries=6, num_classes=3, dropout=0.0)).eval()

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from train.config import PRESETS, DETRConfig, preset
-from train.detr import DETR
-from train.position_encoding import PositionEmbeddingSine
+from detr_edge.train.config import PRESETS, DETRConfig, preset
+from detr_edge.train.detr import DETR
+from detr_edge.train.position_encoding import PositionEmbeddingSine
 
 TINY = DETRConfig(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=3,
                   dim_feedforward=128, num_queries=7, num_classes=5, dropout=0.0)
@@ -103,7 +103,7 @@ def test_position_encoding_of_padded_image_equals_unpadded_on_valid_region():
 def test_presets_and_config_validation():
     assert {"detr_r50", "detr_r50_dc5", "detr_r101", "detr_r101_dc5", "detr_r18"} <= set(PRESETS)
     assert preset("detr_r50_dc5")[0].dilation and preset("detr_r101")[0].backbone == "resnet101"
-    from runtime.errors import UserError
+    from detr_edge.runtime.errors import UserError
     with pytest.raises(UserError, match="Bottleneck"):
         DETRConfig(backbone="resnet18", dilation=True)
     with pytest.raises(UserError, match="unknown preset"):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from export.cli import main
-from runtime.metadata import METADATA_KEY, preprocess_spec
-from train.checkpoint import load_model
-from train.config import DETRConfig, checkpoint_config
-from train.detr import DETR
-from train.predict import predict_frames
+from detr_edge.cli import main
+from detr_edge.runtime.metadata import METADATA_KEY, preprocess_spec
+from detr_edge.train.checkpoint import load_model
+from detr_edge.train.config import DETRConfig, checkpoint_config
+from detr_edge.train.detr import DETR
+from detr_edge.train.predict import predict_frames
 
 from conftest import ROOT
 
@@ -91,13 +91,13 @@ def test_info_on_onnx_reads_metadata(tmp_path, capsys):
 def test_predict_bad_image_is_one_line(checkpoint, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
-    proc = subprocess.run([sys.executable, "-m", "export.cli", "predict", str(checkpoint), str(bad),
+    proc = subprocess.run([sys.executable, "-m", "detr_edge", "predict", str(checkpoint), str(bad),
                            "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip() == f"detr-edge: error: {bad}: not a readable image"
 
 
 def test_help_lists_stage_commands():
-    proc = subprocess.run([sys.executable, "-m", "export.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "detr_edge", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0
     for command in ("init", "predict", "info"):
         assert f"    {command} " in proc.stdout

@@ -10,18 +10,18 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from runtime.classes import COCO_CLASSES
-from runtime.metadata import IMAGENET_MEAN, IMAGENET_STD, parse_imgsz, preprocess_spec
-from runtime.postprocess import postprocess
-from runtime.preprocess import preprocess
-from train.detr import postprocess as torch_postprocess
+from detr_edge.runtime.classes import COCO_CLASSES
+from detr_edge.runtime.metadata import IMAGENET_MEAN, IMAGENET_STD, parse_imgsz, preprocess_spec
+from detr_edge.runtime.postprocess import postprocess
+from detr_edge.runtime.preprocess import preprocess
+from detr_edge.train.detr import postprocess as torch_postprocess
 
 from conftest import COCO_TINY, NO_TORCH, ROOT
 
 BLOCK_TORCH = NO_TORCH + """
 import importlib, pkgutil
-import runtime
-names = [m.name for m in pkgutil.walk_packages(runtime.__path__, 'runtime.')]
+import detr_edge.runtime
+names = [m.name for m in pkgutil.walk_packages(detr_edge.runtime.__path__, 'detr_edge.runtime.')]
 for name in names:
     importlib.import_module(name)
 print(len(names))
@@ -113,7 +113,7 @@ def test_coco_class_names_match_the_real_annotation_file():
 
 
 def test_parse_imgsz():
-    from runtime.errors import UserError
+    from detr_edge.runtime.errors import UserError
     assert parse_imgsz("640") == (640, 640) and parse_imgsz("480x640") == (480, 640)
     for bad in ("650", "axb", "0x64", "1x2x3"):
         with pytest.raises(UserError):

@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from export.cli import main
-from runtime.metadata import read_onnx_metadata, write_onnx_metadata
-from runtime.pipeline import stream
-from runtime.sources import SyntheticSource
-from train.checkpoint import save_checkpoint
-from train.config import DETRConfig, checkpoint_config
+from detr_edge.cli import main
+from detr_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
+from detr_edge.runtime.pipeline import stream
+from detr_edge.runtime.sources import SyntheticSource
+from detr_edge.train.checkpoint import save_checkpoint
+from detr_edge.train.config import DETRConfig, checkpoint_config
 
 from conftest import NO_TORCH, ROOT, SHARED_DATA, sharp_model
 
@@ -88,7 +88,7 @@ class SlowBackend:
 
 
 def test_live_source_drops_stale_frames_and_keeps_latency_bounded(model):
-    from runtime.backends import load_backend
+    from detr_edge.runtime.backends import load_backend
     backend = SlowBackend(load_backend(model[1]))
     frame = np.full((240, 320, 3), 127, np.uint8)
     source = SyntheticSource([frame], count=400, fps=500)  # a frame every 2 ms, inference every ~22 ms
@@ -104,7 +104,7 @@ def test_live_source_drops_stale_frames_and_keeps_latency_bounded(model):
 
 
 def test_memory_stays_flat_over_thousands_of_frames(model):
-    from runtime.backends import load_backend
+    from detr_edge.runtime.backends import load_backend
     backend = load_backend(model[1])
     frames = [np.random.default_rng(i).integers(0, 255, (120, 160, 3), np.uint8) for i in range(4)]
     page = os.sysconf("SC_PAGE_SIZE")
@@ -140,7 +140,7 @@ def test_bad_inputs_end_in_one_line(model, tmp_path, case):
             write_onnx_metadata(graph, meta)
         model_arg = str(tmp_path / "bad.onnx")
         onnx.save(graph, model_arg)
-    proc = subprocess.run([sys.executable, "-m", "export.cli", "run", model_arg, source, "--save",
+    proc = subprocess.run([sys.executable, "-m", "detr_edge", "run", model_arg, source, "--save",
                            str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("detr-edge: error")]
@@ -154,7 +154,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_a_finalised_video(model, tmp_path):
     save, jsonl = tmp_path / "out.mp4", tmp_path / "out.jsonl"
     # a shell starts background jobs with SIGINT ignored, and children inherit that (Python then
     # installs no KeyboardInterrupt handler): give the child the terminal's default, as a user has
-    proc = subprocess.Popen([sys.executable, "-m", "export.cli", "run", str(model[1]), str(VIDEO), "--save", str(save),
+    proc = subprocess.Popen([sys.executable, "-m", "detr_edge", "run", str(model[1]), str(VIDEO), "--save", str(save),
                              "--jsonl", str(jsonl)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # interrupt once frames flow
@@ -172,7 +172,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_a_finalised_video(model, tmp_path):
 
 
 RUN_WITHOUT_TORCH = NO_TORCH + """
-from export.cli import main
+from detr_edge.cli import main
 sys.exit(main(["run", sys.argv[1], sys.argv[2], "--max-frames", "3", "--jsonl", sys.argv[3]]))
 """
 

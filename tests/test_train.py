@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from export.cli import main
-from train.synth import synthesize
+from detr_edge.cli import main
+from detr_edge.train.synth import synthesize
 
 from conftest import ROOT
 
@@ -39,7 +39,7 @@ def weighted_loss(row, suffixes, class_weight=1.0):
 
 
 def run_cli(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "export.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "detr_edge", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -87,7 +87,7 @@ def test_resume_after_sigkill_continues_from_saved_step(shapes, tmp_path):
     assert (saved["global_step"] - saved["step_in_epoch"]) % 6 == 0
     logged = len(read_csv(out / "metrics.csv"))
 
-    from train.engine import TrainOptions, build
+    from detr_edge.train.engine import TrainOptions, build
     opts = TrainOptions(data=str(shapes), resume=str(last), workers=0, batch_size=8)
     _, _, model, _, resumed = build(opts)
     assert all(torch.equal(v, saved["model"][k]) for k, v in model.state_dict().items())
@@ -112,7 +112,7 @@ def test_torchrun_two_processes_gloo(shapes, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "export.cli", "train", "--data", str(shapes),
+                           "--master_port", "29517", "-m", "detr_edge", "train", "--data", str(shapes),
                            "--out", str(out), *TINY, "--batch-size", "4", "--epochs", "1", "--eval-every", "0"],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -138,9 +138,9 @@ def test_trainer_runs_the_backbone_channels_last_with_the_same_outputs_and_saves
     import copy
 
     from conftest import small_config
-    from train.checkpoint import save_checkpoint
-    from train.detr import DETR
-    from train.engine import TrainingModel
+    from detr_edge.train.checkpoint import save_checkpoint
+    from detr_edge.train.detr import DETR
+    from detr_edge.train.engine import TrainingModel
     torch.manual_seed(0)
     model = DETR(small_config()).eval()
     plain = copy.deepcopy(model)
@@ -174,8 +174,8 @@ def test_class_weight_scales_the_class_term_of_the_loss(shapes, tmp_path):
 
 
 def test_dense_heads_train_beside_the_model_and_stay_out_of_its_weights(shapes, tmp_path):
-    from train.detr import DETR
-    from train.engine import TrainOptions, build
+    from detr_edge.train.detr import DETR
+    from detr_edge.train.engine import TrainOptions, build
     out = tmp_path / "enc"
     heads = ["--groups", "2", "--encoder-head", "2", "--backbone-head", "layer3"]
     assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1", "--eval-every", "0",
@@ -230,7 +230,7 @@ def test_time_drop_lowers_the_learning_rate_once_and_a_resume_keeps_it(shapes, t
 
 def test_weight_average_follows_its_ramped_decay_and_copies_batchnorm_counters():
     import math
-    from train.engine import weight_average
+    from detr_edge.train.engine import weight_average
     net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
     decay, average = 0.9, weight_average(net, 0.9)
     expected = None

@@ -12,15 +12,15 @@ import numpy as np
 import onnx
 import pytest
 
-from export.cli import main
-from export.fp16 import convert_fp16
-from export.onnx_export import ExportOptions, export_onnx
-from export.trt_build import build, layer_node
-from export.trt_plan import NO_DLA, BuildOptions, flags, parse_version, plan
-from runtime.backends.trt import TensorRTBackend, check_sidecar
-from runtime.errors import UserError
-from train.config import DETRConfig, checkpoint_config
-from train.synth import synthesize
+from detr_edge.cli import main
+from detr_edge.export.fp16 import convert_fp16
+from detr_edge.export.onnx_export import ExportOptions, export_onnx
+from detr_edge.export.trt_build import build, layer_node
+from detr_edge.export.trt_plan import NO_DLA, BuildOptions, flags, parse_version, plan
+from detr_edge.runtime.backends.trt import TensorRTBackend, check_sidecar
+from detr_edge.runtime.errors import UserError
+from detr_edge.train.config import DETRConfig, checkpoint_config
+from detr_edge.train.synth import synthesize
 
 from conftest import ROOT, sharp_model
 from trt_stub import WHEELS, bindings_strings, install, stub_tensorrt
@@ -193,8 +193,8 @@ def test_the_string_table_tells_present_from_removed(bindings):
 @pytest.fixture
 def use_stub(monkeypatch):
     """Install a stand-in `tensorrt` where Polygraphy and our code import it, on a stand-in GPU."""
-    import runtime.cuda
-    monkeypatch.setattr(runtime.cuda, "device_info", lambda: dict(DEVICE))
+    import detr_edge.runtime.cuda as cuda
+    monkeypatch.setattr(cuda, "device_info", lambda: dict(DEVICE))
     return lambda trt: install(monkeypatch, trt)
 
 
@@ -349,7 +349,7 @@ def test_a_batch_the_profile_refuses_is_one_clear_error(bindings, files, use_stu
 def test_device_memory_falls_through_to_the_binding_that_starts(monkeypatch):
     """cuda-python 13 on a CUDA 12 driver (JetPack 6) fails at its first call, not at import:
     pycuda must still be tried, and without either the error names both reasons."""
-    import runtime.cuda as cuda
+    import detr_edge.runtime.cuda as cuda
 
     def driver_too_old():
         raise cuda.CudaError("cudaErrorInsufficientDriver (the driver supports CUDA 12.6)")
@@ -380,7 +380,7 @@ def test_mismatched_sidecar_is_refused():
 def test_build_without_tensorrt_says_how_to_get_it(files, tmp_path):
     if subprocess.run([sys.executable, "-c", "import tensorrt"]).returncode == 0:
         pytest.skip("TensorRT is installed here")
-    proc = subprocess.run([sys.executable, "-m", "export.cli", "build", str(files["trt10"]), "--out",
+    proc = subprocess.run([sys.executable, "-m", "detr_edge", "build", str(files["trt10"]), "--out",
                            str(tmp_path / "m.engine")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "TensorRT is not installed" in proc.stderr and "python3-libnvinfer" in proc.stderr

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import UserError
-from runtime.io import atomic_path
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path
 
 from . import hf
 from .config import OFFICIAL_IMGSZ, DETRConfig, checkpoint_config

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from runtime.classes import default_classes
-from runtime.errors import UserError
-from runtime.metadata import preprocess_spec
+from detr_edge.runtime.classes import default_classes
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.metadata import preprocess_spec
 
 # torchvision ResNet -> channels of layer4 (what input_proj maps to d_model)
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}

@@ -22,11 +22,11 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from runtime.errors import UserError
-from runtime.io import coco_image_folder
-from runtime.metadata import IMAGENET_MEAN, IMAGENET_STD, preprocess_spec
-from runtime.preprocess import preprocess
-from runtime.sources import IMAGE_SUFFIXES
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import coco_image_folder
+from detr_edge.runtime.metadata import IMAGENET_MEAN, IMAGENET_STD, preprocess_spec
+from detr_edge.runtime.preprocess import preprocess
+from detr_edge.runtime.sources import IMAGE_SUFFIXES
 
 OFFICIAL_SCALES = list(range(480, 801, 32))
 

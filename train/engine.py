@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from runtime.errors import UserError
+from detr_edge.runtime.errors import UserError
 
 from .backbone import downsample_mask
 from .checkpoint import load_model, read_checkpoint, save_checkpoint

@@ -20,11 +20,11 @@ import cv2
 import numpy as np
 import torch
 
-from runtime.draw import class_color, draw_detections
-from runtime.errors import UserError
-from runtime.io import atomic_path, write_json
-from runtime.metadata import preprocess_spec
-from runtime.preprocess import preprocess
+from detr_edge.runtime.draw import class_color, draw_detections
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path, write_json
+from detr_edge.runtime.metadata import preprocess_spec
+from detr_edge.runtime.preprocess import preprocess
 
 from .checkpoint import load_model
 from .detr import DETR, postprocess

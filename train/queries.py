@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.errors import UserError
-from runtime.io import atomic_path, write_json
-from runtime.metadata import preprocess_spec
-from runtime.preprocess import preprocess
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path, write_json
+from detr_edge.runtime.metadata import preprocess_spec
+from detr_edge.runtime.preprocess import preprocess
 
 from .checkpoint import load_model
 from .data import Images

@@ -11,8 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from runtime.errors import UserError
-from runtime.io import atomic_path, write_json
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path, write_json
 
 CLASSES = ("square", "circle", "triangle", "star")
 

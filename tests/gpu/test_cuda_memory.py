@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from runtime.cuda import CudaPython, PyCuda, _cuda_python_info, _pycuda_info
+from detr_edge.runtime.cuda import CudaPython, PyCuda, _cuda_python_info, _pycuda_info
 
 
 @pytest.fixture(params=[CudaPython, PyCuda], ids=["cuda-python", "pycuda"])
@@ -79,7 +79,7 @@ def test_buffers_round_trip_from_a_worker_thread(memory):
 
 
 def _free_bytes() -> int:
-    from runtime.cuda import _cudart
+    from detr_edge.runtime.cuda import _cudart
     _, free, _ = _cudart().cudaMemGetInfo()
     return int(free)
 

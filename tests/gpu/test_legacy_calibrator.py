@@ -6,13 +6,13 @@ addresses it hands TensorRT is read back and compared with the runtime's preproc
 import numpy as np
 import pytest
 
-from calibration.data import Samples
-from export.onnx_export import ExportOptions, export_onnx
-from export.trt_build import build
-from export.trt_plan import BuildOptions
-from runtime.metadata import preprocess_spec
-from train.config import DETRConfig, checkpoint_config
-from train.synth import synthesize
+from detr_edge.calibration.data import Samples
+from detr_edge.export.onnx_export import ExportOptions, export_onnx
+from detr_edge.export.trt_build import build
+from detr_edge.export.trt_plan import BuildOptions
+from detr_edge.runtime.metadata import preprocess_spec
+from detr_edge.train.config import DETRConfig, checkpoint_config
+from detr_edge.train.synth import synthesize
 
 from conftest import sharp_model
 from trt_stub import bindings_strings, install, stub_tensorrt
@@ -22,7 +22,7 @@ TINY = DETRConfig(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, de
 
 
 def test_calibration_batches_reach_the_device_as_preprocessed(tmp_path, monkeypatch):
-    from runtime.cuda import _check, _cudart
+    from detr_edge.runtime.cuda import _check, _cudart
     cudart = _cudart()
     strings = bindings_strings("10.3.0")
     model = tmp_path / "m.onnx"

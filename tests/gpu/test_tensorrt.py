@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.check import Images, check, coco_ap
-from export.cli import main
-from export.trt_plan import parse_version, target_for
-from runtime.backends import load_backend
-from runtime.errors import UserError
-from runtime.run import model_alone
-from train.checkpoint import save_checkpoint
-from train.config import DETRConfig, checkpoint_config
-from train.synth import synthesize
+from detr_edge.check import Images, check, coco_ap
+from detr_edge.cli import main
+from detr_edge.export.trt_plan import parse_version, target_for
+from detr_edge.runtime.backends import load_backend
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.run import model_alone
+from detr_edge.train.checkpoint import save_checkpoint
+from detr_edge.train.config import DETRConfig, checkpoint_config
+from detr_edge.train.synth import synthesize
 
 from conftest import ROOT, sharp_model
 

@@ -9,8 +9,8 @@ import logging
 import re
 import sys
 
-from runtime.errors import UserError
-from train import cli as train_cli
+from detr_edge.runtime.errors import UserError
+from detr_edge import train_cli
 
 # a missing optional dependency -> the extra that brings it
 _EXTRAS = {"torch": "train", "torchvision": "train", "scipy": "train", "pycocotools": "train",
@@ -18,7 +18,7 @@ _EXTRAS = {"torch": "train", "torchvision": "train", "scipy": "train", "pycocoto
 
 
 def _register(sub) -> None:
-    from .trt_plan import TARGETS
+    from detr_edge.export.trt_plan import TARGETS
     p = sub.add_parser("export", help="(export) checkpoint -> ONNX (FP32, and FP16 with LayerNorm/Softmax kept FP32)")
     p.add_argument("checkpoint", help="ours, the official release's, or a Hugging Face DETR folder")
     p.add_argument("--out", help="ONNX file to write (default: beside the checkpoint, <name>.onnx; "
@@ -153,10 +153,10 @@ def _split(text):
 def _export(args) -> None:
     from pathlib import Path
 
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.metadata import parse_imgsz
 
-    from .fp16 import KEEP_FP32_NAMES, KEEP_FP32_OPS, convert_fp16
-    from .onnx_export import ExportOptions, export_onnx, resolve_opset
+    from detr_edge.export.fp16 import KEEP_FP32_NAMES, KEEP_FP32_OPS, convert_fp16
+    from detr_edge.export.onnx_export import ExportOptions, export_onnx, resolve_opset
 
     precisions = _split(args.precision)
     unknown = set(precisions or ()) - {"fp32", "fp16"}
@@ -168,8 +168,8 @@ def _export(args) -> None:
     resolve_opset(options.target, options.opset)  # refuse before the slow part
     if args.max_det < 1:
         raise UserError(f"--max-det {args.max_det} must be >= 1")
-    from train.checkpoint import load_model
-    from train.config import OFFICIAL_IMGSZ
+    from detr_edge.train.checkpoint import load_model
+    from detr_edge.train.config import OFFICIAL_IMGSZ
 
     checkpoint = Path(args.checkpoint)
     model, config = load_model(checkpoint, imgsz=options.imgsz or OFFICIAL_IMGSZ)
@@ -191,9 +191,9 @@ def _export(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from calibration.quantize import DEFAULT_EXCLUDE, QuantOptions
+    from detr_edge.calibration.quantize import DEFAULT_EXCLUDE, QuantOptions
 
-    from .int8 import calibrate, markdown
+    from .calibrate import calibrate, markdown
 
     flavours = _split(args.flavour)
     if not flavours or set(flavours) - {"trt", "cpu"}:
@@ -206,8 +206,8 @@ def _calibrate(args) -> None:
 
 
 def _build(args) -> None:
-    from .trt_build import build
-    from .trt_plan import BuildOptions, plan
+    from detr_edge.export.trt_build import build
+    from detr_edge.export.trt_plan import BuildOptions, plan
 
     batch = None
     if args.batch:
@@ -244,7 +244,7 @@ def _installed_tensorrt() -> str:
 
 
 def _run(args) -> None:
-    from runtime.run import run
+    from detr_edge.runtime.run import run
     stats = run(args.model, args.source, args.backend, args.conf, args.classes, args.show, args.save, args.jsonl,
                 args.max_frames)
     print(stats.format())
@@ -256,12 +256,12 @@ def _run(args) -> None:
 
 
 def _bench(args) -> None:
-    from runtime.run import bench, format_bench
+    from detr_edge.runtime.run import bench, format_bench
     print(format_bench(bench(args.model, args.backend, args.iters, args.source, args.max_frames)))
 
 
 def _deploy(args) -> None:
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.metadata import parse_imgsz
 
     from .deploy import deploy, markdown
     summary = deploy(args.checkpoint, args.out, parse_imgsz(args.imgsz) if args.imgsz else None,

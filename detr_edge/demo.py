@@ -65,7 +65,7 @@ def run(out: Path, minutes: float) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m export.demo")
+    parser = argparse.ArgumentParser(prog="python -m detr_edge.demo")
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget (default 15)")
     args = parser.parse_args()

@@ -8,16 +8,16 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from calibration.data import Samples
-from calibration.quantize import FLAVOURS, QuantOptions, quantize
-from calibration.search import latency_ms, search
-from calibration.trt_cache import scales_from_ranges, version_tag, write_cache
-from runtime.backends import load_backend
-from runtime.errors import UserError
-from runtime.io import atomic_path, write_json
+from detr_edge.calibration.data import Samples
+from detr_edge.calibration.quantize import FLAVOURS, QuantOptions, quantize
+from detr_edge.calibration.search import latency_ms, search
+from detr_edge.calibration.trt_cache import scales_from_ranges, version_tag, write_cache
+from detr_edge.runtime.backends import load_backend
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path, write_json
 
 from .check import Images, coco_ap, pseudo_labelled
-from .fp16 import fp16_around_qdq
+from detr_edge.export.fp16 import fp16_around_qdq
 
 log = logging.getLogger(__name__)
 

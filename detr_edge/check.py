@@ -24,12 +24,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_iou
 
-from runtime.backends import load_backend
-from runtime.errors import UserError
-from runtime.io import atomic_path, write_json
-from runtime.postprocess import postprocess
-from runtime.preprocess import preprocess
-from train.data import Images
+from detr_edge.runtime.backends import load_backend
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path, write_json
+from detr_edge.runtime.postprocess import postprocess
+from detr_edge.runtime.preprocess import preprocess
+from detr_edge.train.data import Images
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,9 @@ def check(checkpoint, models: list, data, **options) -> dict:
 def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0.5, iou: float = 0.5,
            batch_size: int = 4, limit: int | None = None, contiguous: bool = False, out=None,
            tolerances: dict | None = None, device: str = "cpu") -> dict:
-    from train.checkpoint import load_model
-    from train.evaluate import coco_metrics, to_coco_results
-    from train.predict import read_image
+    from detr_edge.train.checkpoint import load_model
+    from detr_edge.train.evaluate import coco_metrics, to_coco_results
+    from detr_edge.train.predict import read_image
 
     model, _ = load_model(checkpoint)
     model.eval().to(device)
@@ -196,7 +196,7 @@ def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0
 
 def detections(backend, images: Images, batch_size: int = 8) -> list[dict]:
     """Every query's detection (no threshold) of each image, through the runtime's path."""
-    from train.predict import read_image
+    from detr_edge.train.predict import read_image
     out = []
     for start in range(0, len(images.paths), batch_size):
         frames = [read_image(p) for p in images.paths[start:start + batch_size]]
@@ -206,7 +206,7 @@ def detections(backend, images: Images, batch_size: int = 8) -> list[dict]:
 
 def coco_ap(backend, images: Images, batch_size: int = 8) -> float:
     """COCO AP in points (0-100) of a backend on annotated images."""
-    from train.evaluate import coco_metrics, to_coco_results
+    from detr_edge.train.evaluate import coco_metrics, to_coco_results
     results = [r for image_id, det in zip(images.ids, detections(backend, images, batch_size))
                for r in to_coco_results(det, image_id, images.label_to_cat)]
     return 100 * coco_metrics(images.coco, results)["AP"]

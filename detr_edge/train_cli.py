@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .config import PRESETS  # torch-free: dataclasses and runtime only
+from detr_edge.train.config import PRESETS  # torch-free: dataclasses and runtime only
 
 log = logging.getLogger("detr_edge")
 
@@ -124,11 +124,11 @@ def register(sub) -> None:
 def _init(args) -> None:
     import torch
 
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.metadata import parse_imgsz
 
-    from .checkpoint import save_checkpoint
-    from .config import DETRConfig, checkpoint_config, preset
-    from .detr import DETR
+    from detr_edge.train.checkpoint import save_checkpoint
+    from detr_edge.train.config import DETRConfig, checkpoint_config, preset
+    from detr_edge.train.detr import DETR
 
     model_config, imgsz = preset(args.preset)
     if args.num_classes is not None:
@@ -141,9 +141,9 @@ def _init(args) -> None:
 
 
 def _predict(args) -> None:
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.metadata import parse_imgsz
 
-    from .predict import run
+    from detr_edge.train.predict import run
 
     report = run(args.checkpoint, args.images, args.out, parse_imgsz(args.imgsz) if args.imgsz else None,
                  args.conf, args.max_det, args.device)
@@ -152,9 +152,9 @@ def _predict(args) -> None:
 
 
 def _train(args) -> None:
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.metadata import parse_imgsz
 
-    from .engine import TrainOptions, train
+    from detr_edge.train.engine import TrainOptions, train
 
     given = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__ and v is not None}
     if "imgsz" in given:
@@ -167,12 +167,12 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from runtime.io import write_json
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.io import write_json
+    from detr_edge.runtime.metadata import parse_imgsz
 
-    from .checkpoint import load_model
-    from .data import CocoDetection, Transform, resolve_coco
-    from .evaluate import evaluate
+    from detr_edge.train.checkpoint import load_model
+    from detr_edge.train.data import CocoDetection, Transform, resolve_coco
+    from detr_edge.train.evaluate import evaluate
 
     model, config = load_model(args.checkpoint)
     images, ann = resolve_coco(args.data, args.split)
@@ -186,9 +186,9 @@ def _eval(args) -> None:
 
 
 def _explain(args) -> None:
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.metadata import parse_imgsz
 
-    from .explain import run
+    from detr_edge.train.explain import run
 
     views = run(args.checkpoint, args.image, args.out, args.queries, args.points, args.conf, args.heads,
                 parse_imgsz(args.imgsz) if args.imgsz else None)
@@ -197,9 +197,9 @@ def _explain(args) -> None:
 
 
 def _queries(args) -> None:
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.metadata import parse_imgsz
 
-    from .queries import run
+    from detr_edge.train.queries import run
 
     stats = run(args.checkpoint, args.data, args.out, args.split, args.conf,
                 parse_imgsz(args.imgsz) if args.imgsz else None, args.limit)
@@ -209,9 +209,9 @@ def _queries(args) -> None:
 
 
 def _synth(args) -> None:
-    from runtime.metadata import parse_imgsz
+    from detr_edge.runtime.metadata import parse_imgsz
 
-    from .synth import synthesize
+    from detr_edge.train.synth import synthesize
 
     paths = synthesize(args.out, args.train, args.val, parse_imgsz(args.imgsz), args.video_frames, args.seed,
                        args.max_objects)

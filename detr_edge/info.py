@@ -5,12 +5,12 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.errors import UserError
+from detr_edge.runtime.errors import UserError
 
 
 def checkpoint_info(path) -> dict:
-    from train.checkpoint import load_model
-    from train.config import PRESETS
+    from detr_edge.train.checkpoint import load_model
+    from detr_edge.train.config import PRESETS
 
     model, config = load_model(path)  # loads the weights too: info also proves the file is usable
     params = sum(p.numel() for p in model.parameters())
@@ -24,7 +24,7 @@ def checkpoint_info(path) -> dict:
 def onnx_info(path) -> dict:
     import onnx
 
-    from runtime.metadata import read_onnx_metadata
+    from detr_edge.runtime.metadata import read_onnx_metadata
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises protobuf DecodeError and others

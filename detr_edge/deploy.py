@@ -18,8 +18,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from runtime.errors import UserError
-from runtime.io import atomic_path, write_json
+from detr_edge.runtime.errors import UserError
+from detr_edge.runtime.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 SUFFIX = {"fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".int8.onnx", "int8-cpu": ".int8-cpu.onnx"}
@@ -62,9 +62,9 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
            target: str = "ort", dynamic_batch: bool = True, calib_samples: int = 256, max_ap_drop: float = 1.0,
            triton: bool = False, bench_iters: int = 30) -> dict:
     from .check import TOLERANCES, check
-    from .fp16 import convert_fp16
-    from .int8 import calibrate
-    from .onnx_export import ExportOptions, export_onnx
+    from detr_edge.export.fp16 import convert_fp16
+    from .calibrate import calibrate
+    from detr_edge.export.onnx_export import ExportOptions, export_onnx
 
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.exists():
@@ -82,8 +82,8 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
     options = {"imgsz": imgsz, "target": target, "dynamic_batch": dynamic_batch}
 
     def do_export():
-        from train.checkpoint import load_model
-        from train.config import OFFICIAL_IMGSZ
+        from detr_edge.train.checkpoint import load_model
+        from detr_edge.train.config import OFFICIAL_IMGSZ
         net, config = load_model(checkpoint, imgsz=imgsz or OFFICIAL_IMGSZ)
         export_onnx(net.eval(), config, model, ExportOptions(imgsz=imgsz, dynamic_batch=dynamic_batch, target=target),
                     source=checkpoint.name)
@@ -143,14 +143,14 @@ def _engines(steps: Steps, artifacts: dict, precisions) -> dict:
     """Engines of the TensorRT-bound files when TensorRT and a GPU are here; {} otherwise."""
     try:
         import tensorrt  # noqa: F401
-        from runtime.cuda import device_info
+        from detr_edge.runtime.cuda import device_info
         device_info()
     except Exception:
         log.warning("TensorRT or a GPU is missing here: stopping at the ONNX files (build engines with "
                     "detr-edge build on the target)")
         return {}
-    from .trt_build import build
-    from .trt_plan import engine_path
+    from detr_edge.export.trt_build import build
+    from detr_edge.export.trt_plan import engine_path
     engines = {}
     for precision in ("fp32", "fp16", "int8"):
         if precision in precisions:
@@ -163,8 +163,8 @@ def _engines(steps: Steps, artifacts: dict, precisions) -> dict:
 def _latency(path, iters: int) -> dict:
     import numpy as np
 
-    from runtime.backends import load_backend
-    from runtime.run import model_alone
+    from detr_edge.runtime.backends import load_backend
+    from detr_edge.runtime.run import model_alone
     with load_backend(path) as engine:
         frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
         times = model_alone(engine, frame, iters)
@@ -173,8 +173,8 @@ def _latency(path, iters: int) -> dict:
 
 def _samples(checkpoint, files, val_data, folder: Path, count: int = 3, conf: float = 0.5) -> list[str]:
     """A few validation images annotated by PyTorch and by each artifact, side by side."""
-    from runtime.backends import load_backend
-    from train.checkpoint import load_model
+    from detr_edge.runtime.backends import load_backend
+    from detr_edge.train.checkpoint import load_model
 
     from .check import Images
     model, config = load_model(checkpoint)
@@ -189,9 +189,9 @@ def _sample(path: Path, model, config: dict, backends: list, folder: Path, conf:
     import cv2
     import numpy as np
 
-    from runtime.draw import draw_detections
-    from runtime.preprocess import preprocess
-    from train.predict import predict_frames, read_image
+    from detr_edge.runtime.draw import draw_detections
+    from detr_edge.runtime.preprocess import preprocess
+    from detr_edge.train.predict import predict_frames, read_image
 
     frame = read_image(path)
     panels = [("PyTorch", predict_frames(model, [frame], config["preprocess"], conf)[0])]
@@ -286,7 +286,7 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bool": "TYPE_BO
 
 def triton_config(name: str, path: Path) -> str:
     """config.pbtxt for one ONNX file or engine (tensor names and shapes read from the file)."""
-    from runtime.backends import load_backend
+    from detr_edge.runtime.backends import load_backend
     backend = load_backend(path)
     tensors = _tensors(path, backend)
     dynamic = backend.batch is None
