@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,export,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,export,calibration,dev]"
 	touch $(STAMP)
 
 test: $(STAMP)

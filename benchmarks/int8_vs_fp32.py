@@ -28,7 +28,8 @@ from benchmarks.floor import gemm_rate  # noqa: E402
 from benchmarks.timing import describe, interleaved  # noqa: E402
 from detr_edge.calibration.data import Samples  # noqa: E402
 from detr_edge.calibration.quantize import QuantOptions, quantize  # noqa: E402
-from detr_edge.check import Images, coco_ap  # noqa: E402
+from detr_edge.check import coco_ap  # noqa: E402
+from detr_edge.runtime.coco import Images  # noqa: E402
 from detr_edge.export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from detr_edge.runtime.backends.ort import OnnxRuntimeBackend  # noqa: E402
 from detr_edge.runtime.metadata import parse_imgsz  # noqa: E402

@@ -58,7 +58,7 @@ def main():
         backend = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"], threads=args.threads)
         with torch.no_grad():
             ref = model(images, mask)["pred_logits"].numpy()
-        error = float(np.abs(backend.infer(batch.images, batch.mask)[0] - ref).max())
+        error = float(np.abs(backend.infer(batch.images, batch.mask)["logits"] - ref).max())
 
         def pytorch():
             with torch.no_grad():

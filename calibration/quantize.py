@@ -9,7 +9,7 @@ pass over the data).
   two activations (attention's Q.K^T and softmax.V) float unless `attention` is set.
   The graph around them is FP16, as NVIDIA's ModelOpt makes it for strongly typed
   TensorRT 10/11 builds (where every unquantized layer runs in its tensors' precision):
-  opset 19, FP16 Q/DQ scales, the FP16 file's FP32 islands (export/fp16.py). For
+  opset 19, FP16 Q/DQ scales, the FP16 file's FP32 islands (precision.py). For
   TensorRT 8.x targets (opset 16/17, where Q/DQ must be FP32) the graph stays FP32 and
   the builder sets FP16 with those islands pinned (export/trt_plan.py).
 - `cpu`  -> `*.int8-cpu.onnx`: uint8 activations, int8 per-channel weights: what
@@ -30,10 +30,13 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+import numpy as np
 
 from detr_edge.runtime.errors import UserError
 from detr_edge.runtime.io import atomic_path
+
+from .precision import fp16_around_qdq
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,6 @@ class QuantOptions:
     exclude_nodes: list = field(default_factory=list)  # exact node names kept float (the search's choice)
     vnni: bool = False  # CPU flavour for CPUs with VNNI only: full 8-bit weights
     attention: bool = False  # TensorRT flavour: quantize the MatMuls between two activations too
-    # the export stage's FP16 conversion of the TensorRT flavour's graph around its Q/DQ pairs,
-    # (graph, metadata) -> graph, updating the metadata (export/fp16.py: fp16_around_qdq)
-    fp16: Callable | None = None
 
 
 def excluded_nodes(graph, options: QuantOptions, flavour: str = "cpu") -> list[str]:
@@ -114,11 +114,28 @@ def collect_ranges(src, cache: Path, options: QuantOptions, reader) -> None:
         calibrator = create_calibrator(Path(src), None,
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=_method(options.method))
+        calibrator.infer_session = _Finite(calibrator.infer_session)
         for feed in reader.batches():
             calibrator.collect_data(Batches([feed]))
         ranges = calibrator.compute_data()
     with atomic_path(Path(cache)) as tmp_cache:
         save_tensors_data(ranges, tmp_cache)
+
+
+class _Finite:
+    """The calibrators' session, with +-inf read as 0: attention fills padded keys with -inf
+    before its softmax, which no histogram or range can hold; the tensors the Q/DQ files
+    quantize never carry it (their ranges are unchanged, tests/test_calibration.py)."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, names, feed):
+        return [np.where(np.isfinite(out), out, 0) if out.dtype.kind == "f" and not np.isfinite(out).all() else out
+                for out in self.session.run(names, feed)]
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
 
 
 def _unshare_initializers(graph, float_nodes: set) -> None:
@@ -212,8 +229,8 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
                                                       "weight_bits": 7 if reduce_range else 8,
                                                       "attention": "quantized" if options.attention or not trt
                                                       else "float", "excluded_nodes": exclude})
-        if trt and options.fp16 is not None:
-            quantized = options.fp16(quantized, meta)
+        if trt:
+            quantized = fp16_around_qdq(quantized, meta)
         write_onnx_metadata(quantized, meta)
         onnx.save(quantized, str(tmp))
     return meta

@@ -3,8 +3,8 @@ keep the accuracy. As in ModelOpt/Polygraphy practice, quantizable nodes are gro
 the module they belong to (backbone stem and stages, input projection, each encoder and
 decoder layer, the heads); each group is quantized alone and ranked by the AP it costs;
 then the most sensitive groups are kept float, one at a time, until the AP drop is within
-the target. The AP comes from the caller (`evaluate(path) -> AP in points`), so this
-module needs no evaluation code of its own.
+the target. The AP comes from the caller (`evaluate(backend) -> AP in points`, each file
+loaded once), so this module needs no evaluation code of its own.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from detr_edge.runtime.backends import load_backend
 
 from .quantize import QuantOptions, quantize
 
@@ -48,9 +50,8 @@ def node_groups(graph, op_types) -> dict[str, list[str]]:
     return groups
 
 
-def latency_ms(path, runs: int = 5) -> float:
-    from detr_edge.runtime.backends.ort import OnnxRuntimeBackend
-    backend = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"])
+def latency_ms(backend, runs: int = 5) -> float:
+    """Median latency of one batch of the model's size (1 for a dynamic-batch model)."""
     batch = backend.batch or 1
     images = np.zeros((batch, 3, *backend.imgsz), np.float32)
     mask = np.zeros((batch, *backend.imgsz), bool)
@@ -75,8 +76,9 @@ def search(src, dst, flavour: str, options: QuantOptions, cache, evaluate, basel
     def measure(kept_float: list[str], path: Path) -> dict:
         nodes = [n for g in kept_float for n in groups[g]]
         quantize(src, path, flavour, replace(options, exclude_nodes=options.exclude_nodes + nodes), cache)
-        ap = evaluate(path)
-        step = {"kept_float": list(kept_float), "AP": ap, "AP_drop": baseline - ap, "latency_ms": latency_ms(path)}
+        with load_backend(path) as backend:
+            ap = evaluate(backend)
+            step = {"kept_float": list(kept_float), "AP": ap, "AP_drop": baseline - ap, "latency_ms": latency_ms(backend)}
         log.info("kept float %s: AP %.2f (drop %.2f), %.1f ms", kept_float or "nothing", ap, baseline - ap,
                  step["latency_ms"])
         return step
@@ -89,7 +91,8 @@ def search(src, dst, flavour: str, options: QuantOptions, cache, evaluate, basel
                 others = [g for g in groups if g != name]
                 quantize(src, trial, flavour, replace(options, exclude_nodes=options.exclude_nodes
                                                       + [n for g in others for n in groups[g]]), cache)
-                sensitivity[name] = baseline - evaluate(trial)
+                with load_backend(trial) as backend:
+                    sensitivity[name] = baseline - evaluate(backend)
                 log.info("sensitivity of %s: %.2f AP points", name, sensitivity[name])
             kept: list[str] = []
             for name in sorted(sensitivity, key=sensitivity.get, reverse=True):

@@ -4,8 +4,8 @@ sensitivity search, and a report (JSON + Markdown) with file sizes, AP and laten
 FP32 against INT8. The pieces live in calibration/; this wires them to the checker's AP."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 from detr_edge.calibration.data import Samples
@@ -16,26 +16,37 @@ from detr_edge.runtime.backends import load_backend
 from detr_edge.runtime.errors import UserError
 from detr_edge.runtime.io import atomic_path, write_json
 
-from .check import Images, coco_ap, pseudo_labelled
-from detr_edge.export.fp16 import fp16_around_qdq
+from detr_edge.runtime.coco import Images
+
+from .check import coco_ap, pseudo_labelled
 
 log = logging.getLogger(__name__)
 
 
 def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: int = 1,
               options: QuantOptions | None = None, val_data=None, auto: bool = False, max_ap_drop: float = 1.0,
-              trt_version: str | None = None, val_limit: int | None = None, against_fp32: bool = False) -> dict:
-    """`against_fp32`: measure AP against the FP32 file's own detections even on annotated
-    data (what `deploy` gates on: agreement with the reference, not task accuracy).
-    `trt_version` (full, e.g. 8.5.2): also write trtexec's implicit-calibration cache for it."""
-    from onnxruntime.quantization.calibrate import load_tensors_data
-
-    model = Path(model)
-    # the TensorRT flavour's graph is FP16 around its Q/DQ where its target parses opset 19
-    options = replace(options or QuantOptions(), fp16=fp16_around_qdq)
+              trt_version: str | None = None, val_limit: int | None = None, against_fp32: bool = False,
+              load=None) -> dict:
+    """`model`: the FP32 .onnx file, or its loaded backend. `against_fp32`: measure AP against
+    the FP32 file's own detections even on annotated data (what `deploy` gates on:
+    agreement with the reference, not task accuracy). `trt_version` (full, e.g. 8.5.2):
+    also write trtexec's implicit-calibration cache for it. Each file is loaded once, by
+    `load(path) -> backend` when given (deploy's), and closed by whoever loaded it."""
     if trt_version is not None:
         version_tag(trt_version)  # refuse a bad version before the slow part
-    fp32 = load_backend(model)
+    with contextlib.ExitStack() as loaded:
+        load = load or (lambda path: loaded.enter_context(load_backend(path)))
+        fp32 = load(model) if isinstance(model, (str, Path)) else model
+        return _calibrate(fp32, data, flavours, samples, every, options, val_data, auto, max_ap_drop, trt_version,
+                          val_limit, against_fp32, load)
+
+
+def _calibrate(fp32, data, flavours, samples, every, options, val_data, auto, max_ap_drop, trt_version, val_limit,
+               against_fp32, load) -> dict:
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    model = fp32.path
+    options = options or QuantOptions()
     if fp32.precision != "fp32":
         raise UserError(f"{model}: calibrate the FP32 file, not a {fp32.precision} one")
     if auto and val_data is None:
@@ -45,7 +56,7 @@ def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: i
     ranges.unlink(missing_ok=True)  # a fresh calibration each run: the ranges of these data
     reader = Samples(data, fp32.spec, samples, every, batch=fp32.batch or 1)
     report = {"model": str(model), "data": str(data), "method": options.method, "op_types": list(options.op_types),
-              "exclude": list(options.exclude), "files": {}, "ap": {}, "latency_ms": {"fp32": latency_ms(model)}}
+              "exclude": list(options.exclude), "files": {}, "ap": {}, "latency_ms": {"fp32": latency_ms(fp32)}}
     evaluate = None
     if val_data is not None:
         images = Images.load(val_data, limit=val_limit)
@@ -54,8 +65,8 @@ def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: i
             report["ap_reference"] = "the FP32 file's own detections at score >= 0.5 (unannotated --val-data)"
         report["ap"]["fp32"] = coco_ap(fp32, images)
 
-        def evaluate(path):
-            return coco_ap(load_backend(path), images)
+        def evaluate(backend):
+            return coco_ap(backend, images)
     outs = {flavour: Path(f"{stem}{FLAVOURS[flavour]}") for flavour in flavours}
     quantize(model, outs[flavours[0]], flavours[0], options, ranges, reader)  # the one pass over the data
     report["samples"] = reader.count
@@ -65,11 +76,12 @@ def calibrate(model, data, flavours=("trt", "cpu"), samples: int = 256, every: i
             report.setdefault("search", {})[flavour] = result
         elif flavour != flavours[0]:
             quantize(model, out, flavour, options, ranges)  # from the cached ranges
+        int8 = load(out)
         report["files"][flavour] = {"file": str(out), "MiB": round(out.stat().st_size / 2**20, 2),
-                                    "excluded_nodes": load_backend(out).meta["export"]["int8"]["excluded_nodes"]}
-        report["latency_ms"][f"int8 {flavour}"] = latency_ms(out)
+                                    "excluded_nodes": int8.meta["export"]["int8"]["excluded_nodes"]}
+        report["latency_ms"][f"int8 {flavour}"] = latency_ms(int8)
         if evaluate is not None:
-            report["ap"][f"int8 {flavour}"] = evaluate(out)
+            report["ap"][f"int8 {flavour}"] = evaluate(int8)
     report["files"]["fp32"] = {"file": str(model), "MiB": round(model.stat().st_size / 2**20, 2)}
     cache.unlink(missing_ok=True)  # never a cache of earlier ranges beside these files
     report["trt_cache"] = None

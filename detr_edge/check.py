@@ -1,17 +1,19 @@
-"""`detr-edge check`: does a deployable file still compute what the PyTorch checkpoint
-computes? Every model is fed the very same preprocessed batches as the PyTorch reference
-and compared at three levels:
+"""`detr-edge check`: does a deployable file still compute what its reference computes?
+The reference is the PyTorch checkpoint by default, or any other model file (the ONNX file
+an engine was built from, say), as Polygraphy compares any runner with any other: both are
+backends (runtime.backends; train.backend for PyTorch). Every model is fed the very same
+preprocessed batches as the reference and compared at three levels:
 
-- tensors: max/mean absolute and max relative error of each raw output (relative error
-  is |a - b| / max(|b|, 1e-3), so near-zero values do not dominate);
-- detections: at a score threshold, each model's detections are matched one-to-one to
-  PyTorch's (same label, IoU >= --iou, Hungarian on IoU); agreement = matched / the larger
-  of the two counts, plus mean IoU, score deltas, missing and extra detections;
-- task: COCO AP/AP50 (pycocotools) of PyTorch and of each model over every query, when
-  the data has annotations.
+- tensors: max/mean absolute and max relative error of each float output both have, by
+  name (relative error is |a - b| / max(|b|, 1e-3), so near-zero values do not dominate);
+- detections: at a score threshold, each model's detections are matched one-to-one to the
+  reference's (same label, IoU >= --iou, Hungarian on IoU); agreement = matched / the
+  larger of the two counts, plus mean IoU, score deltas, missing and extra detections;
+- task: COCO AP/AP50 (pycocotools) of the reference and of each model over every query,
+  when the data has annotations.
 
-A gate per precision (TOLERANCES) turns that into pass/fail. Any object with the
-`runtime.backends.Backend` interface can be checked: engines plug in the same way.
+A gate per precision (TOLERANCES) turns that into pass/fail. No torch is needed unless the
+reference is a checkpoint.
 """
 from __future__ import annotations
 
@@ -20,16 +22,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import box_iou
 
-from detr_edge.runtime.backends import load_backend
+from detr_edge.runtime.backends import ENGINE_SUFFIXES, load_backend
+from detr_edge.runtime.coco import Images, coco_metrics, to_coco_results
 from detr_edge.runtime.errors import UserError
-from detr_edge.runtime.io import atomic_path, write_json
-from detr_edge.runtime.postprocess import postprocess
+from detr_edge.runtime.io import atomic_path, read_image, write_json
 from detr_edge.runtime.preprocess import preprocess
-from detr_edge.train.data import Images
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,28 @@ TOLERANCES = {
 }
 
 
+def load_reference(path, device: str = "cpu"):
+    """A model file as a backend; anything else (a checkpoint, a Hugging Face folder) as
+    PyTorch, which needs torch."""
+    path = Path(path)
+    if path.suffix in (".onnx", *ENGINE_SUFFIXES):
+        return load_backend(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    from detr_edge.train.backend import TorchBackend
+    return TorchBackend(path, device)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every xyxy box of `a` [N,4] with every one of `b` [M,4] -> [N,M]."""
+    low = np.maximum(a[:, None, :2], b[None, :, :2])
+    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(high - low, 0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
 class Comparison:
     """Running statistics of one model against the reference."""
 
@@ -56,9 +77,11 @@ class Comparison:
         self.score_deltas: list[float] = []
         self.results: list[dict] = []
 
-    def add_tensors(self, outputs, references) -> None:
-        for name, out, ref in zip(("logits", "boxes"), outputs, references):
-            diff = np.abs(out.astype(np.float64) - ref)
+    def add_tensors(self, outputs: dict, references: dict) -> None:
+        """The float outputs both have, by name."""
+        for name in (n for n in references if n in outputs and np.issubdtype(references[n].dtype, np.floating)):
+            out, ref = outputs[name], references[name]
+            diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
             stats = self.tensors.setdefault(name, {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "max_rel": 0.0})
             stats["max_abs"] = max(stats["max_abs"], float(diff.max()))
             stats["max_rel"] = max(stats["max_rel"], float((diff / np.maximum(np.abs(ref), REL_FLOOR)).max()))
@@ -70,7 +93,7 @@ class Comparison:
         self.candidate += len(det["scores"])
         if not len(det["scores"]) or not len(ref["scores"]):
             return
-        iou = box_iou(torch.from_numpy(ref["boxes"]).double(), torch.from_numpy(det["boxes"]).double()).numpy()
+        iou = box_iou(ref["boxes"].astype(np.float64), det["boxes"].astype(np.float64))
         iou[ref["labels"][:, None] != det["labels"][None, :]] = 0.0
         rows, cols = linear_sum_assignment(-iou)
         for r, c in zip(rows, cols):
@@ -109,28 +132,28 @@ def gate(summary: dict, tolerances: dict) -> list[str]:
     return failures
 
 
-def check(checkpoint, models: list, data, **options) -> dict:
-    """Compare each model file (or Backend) with the checkpoint; returns the report (written to
-    `out`). The backends it loads are closed after; `options` are `_check`'s."""
+def check(reference, models: list, data, device: str = "cpu", **options) -> dict:
+    """Compare each model file (or Backend) with `reference` (a checkpoint, a model file or a
+    Backend; `device`: PyTorch's); returns the report (written to `out`). What it loads it
+    closes; `options` are `_check`'s."""
     with contextlib.ExitStack() as loaded:
-        backends = [loaded.enter_context(load_backend(m)) if isinstance(m, (str, Path)) else m for m in models]
-        return _check(checkpoint, backends, data, **options)
+        def load(item, loader):
+            return loaded.enter_context(loader(item)) if isinstance(item, (str, Path)) else item
+        ref = load(reference, lambda path: load_reference(path, device))
+        return _check(ref, [load(m, load_backend) for m in models], data, **options)
 
 
-@torch.no_grad()
-def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0.5, iou: float = 0.5,
+def _check(reference, backends: list, data, split: str = "val", conf: float = 0.5, iou: float = 0.5,
            batch_size: int = 4, limit: int | None = None, contiguous: bool = False, out=None,
-           tolerances: dict | None = None, device: str = "cpu") -> dict:
-    from detr_edge.train.checkpoint import load_model
-    from detr_edge.train.evaluate import coco_metrics, to_coco_results
-    from detr_edge.train.predict import read_image
-
-    model, _ = load_model(checkpoint)
-    model.eval().to(device)
+           tolerances: dict | None = None) -> dict:
     images = Images.load(data, split, contiguous, limit)
     comparisons = [Comparison(b) for b in backends]
     reference_results: dict[tuple, list] = {}
     specs = {tuple(b.imgsz): b.spec for b in backends}
+    for imgsz in specs:
+        if not reference.fits(imgsz):
+            raise UserError(f"the reference {reference.name} takes {reference.imgsz[0]} x {reference.imgsz[1]}, "
+                            f"a model to check {imgsz[0]} x {imgsz[1]}: compare files of one input size")
     try:
         from tqdm import tqdm
         progress = tqdm(total=len(images.paths), desc="check", unit="img", disable=None)
@@ -141,9 +164,8 @@ def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0
         ids = images.ids[start:start + batch_size]
         for imgsz, spec in specs.items():
             batch = preprocess(frames, spec)
-            out_t = model(torch.from_numpy(batch.images).to(device), torch.from_numpy(batch.mask).to(device))
-            ref_outputs = (out_t["pred_logits"].cpu().double().numpy(), out_t["pred_boxes"].cpu().double().numpy())
-            ref_all = postprocess(*ref_outputs, batch.sizes)
+            ref_outputs = reference.infer(batch.images, batch.mask)
+            ref_all = reference.to_detections(ref_outputs, batch, conf=0.0)
             for image_id, det in zip(ids, ref_all):
                 reference_results.setdefault(imgsz, []).extend(
                     to_coco_results(det, image_id, images.label_to_cat) if images.coco else [])
@@ -151,8 +173,7 @@ def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0
                 if tuple(comparison.backend.imgsz) != imgsz:
                     continue
                 outputs = comparison.backend.infer(batch.images, batch.mask)
-                if comparison.backend.raw:
-                    comparison.add_tensors(outputs, ref_outputs)
+                comparison.add_tensors(outputs, ref_outputs)
                 candidate_all = comparison.backend.to_detections(outputs, batch, conf=0.0)
                 for image_id, det, ref in zip(ids, candidate_all, ref_all):
                     comparison.add_detections(_above(det, conf), _above(ref, conf), iou)
@@ -163,13 +184,13 @@ def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0
     if progress is not None:
         progress.close()
 
-    report = {"checkpoint": str(checkpoint), "data": str(data), "images": len(images.paths), "conf": conf,
-              "iou": iou, "pytorch": {}, "models": []}
+    report = {"reference": {"name": reference.name, "precision": reference.precision, "AP": {}},
+              "data": str(data), "images": len(images.paths), "conf": conf, "iou": iou, "models": []}
     reference_coco = {}
     if images.coco:
         for imgsz, results in reference_results.items():
             reference_coco[imgsz] = coco_metrics(images.coco, results)
-        report["pytorch"] = {f"{h}x{w}": {k: m[k] for k in ("AP", "AP50")} for (h, w), m in reference_coco.items()}
+        report["reference"]["AP"] = {f"{h}x{w}": {k: m[k] for k in ("AP", "AP50")} for (h, w), m in reference_coco.items()}
     all_passed = True
     for comparison in comparisons:
         backend = comparison.backend
@@ -184,7 +205,7 @@ def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0
         failures = gate(summary, limits)
         summary["gate"] = {"tolerances": limits, "passed": not failures, "failures": failures}
         if comparison.reference == 0:
-            summary["gate"]["warning"] = (f"PyTorch made no detections at score >= {conf}: the detection "
+            summary["gate"]["warning"] = (f"the reference made no detections at score >= {conf}: the detection "
                                           "level proves nothing here")
         all_passed &= not failures
         report["models"].append(summary)
@@ -196,7 +217,6 @@ def _check(checkpoint, backends: list, data, split: str = "val", conf: float = 0
 
 def detections(backend, images: Images, batch_size: int = 8) -> list[dict]:
     """Every query's detection (no threshold) of each image, through the runtime's path."""
-    from detr_edge.train.predict import read_image
     out = []
     for start in range(0, len(images.paths), batch_size):
         frames = [read_image(p) for p in images.paths[start:start + batch_size]]
@@ -206,7 +226,6 @@ def detections(backend, images: Images, batch_size: int = 8) -> list[dict]:
 
 def coco_ap(backend, images: Images, batch_size: int = 8) -> float:
     """COCO AP in points (0-100) of a backend on annotated images."""
-    from detr_edge.train.evaluate import coco_metrics, to_coco_results
     results = [r for image_id, det in zip(images.ids, detections(backend, images, batch_size))
                for r in to_coco_results(det, image_id, images.label_to_cat)]
     return 100 * coco_metrics(images.coco, results)["AP"]
@@ -260,11 +279,12 @@ def markdown(report: dict) -> str:
             f"{det['missing']} / {det['extra']}", num(det["mean_iou"], ".4f"), num(det["score_delta_max_abs"], ".4f"),
             num(coco.get("AP"), ".2f"), num(coco.get("AP_delta"), "+.2f"),
             "pass |" if m["gate"]["passed"] else "**FAIL**: " + "; ".join(m["gate"]["failures"]) + " |"]))
-    pytorch = "; ".join(f"{size}: AP {100 * v['AP']:.2f}, AP50 {100 * v['AP50']:.2f}"
-                        for size, v in report["pytorch"].items()) or "no annotations"
-    return (f"Checked against `{report['checkpoint']}` on {report['images']} images of `{report['data']}` "
-            f"(detections at score >= {report['conf']}, matched at IoU >= {report['iou']}; PyTorch {pytorch}).\n\n"
-            + "\n".join(rows) + "\n")
+    reference = report["reference"]
+    scores = "; ".join(f"{size}: AP {100 * v['AP']:.2f}, AP50 {100 * v['AP50']:.2f}"
+                       for size, v in reference["AP"].items()) or "no annotations"
+    return (f"Checked against {reference['name']} ({reference['precision']}) on {report['images']} images of "
+            f"`{report['data']}` (detections at score >= {report['conf']}, matched at IoU >= {report['iou']}; "
+            f"reference {scores}).\n\n" + "\n".join(rows) + "\n")
 
 
 def write_report(report: dict, deltas: dict, out: Path) -> None:
@@ -274,16 +294,20 @@ def write_report(report: dict, deltas: dict, out: Path) -> None:
     write_json(out / "report.json", report)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown(report))
+    try:
+        import matplotlib
+    except ImportError:  # a runtime-only install: the tables, no plot
+        log.info("no deltas.png: it needs matplotlib")
+        return
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache notice
-    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, (score_deltas, ious) in deltas.items():
         left.hist(score_deltas, bins=40, histtype="step", label=name)
         right.hist(ious, bins=40, histtype="step", label=name)
-    left.set(title="score delta of matched detections (model - PyTorch)", xlabel="delta", ylabel="detections")
-    right.set(title="IoU with the matched PyTorch detection", xlabel="IoU")
+    left.set(title="score delta of matched detections (model - reference)", xlabel="delta", ylabel="detections")
+    right.set(title="IoU with the matched reference detection", xlabel="IoU")
     left.legend(fontsize="small")
     fig.tight_layout()
     with atomic_path(out / "deltas.png") as tmp:

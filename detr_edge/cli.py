@@ -1,6 +1,6 @@
-"""`detr-edge`: one command line; each stage registers its own subcommands. Only argparse
-and the error type are imported up front, so `--help` and the light runtime commands
-never pay for (or need) torch."""
+"""`detr-edge`: one command line over the stages (the train stage's commands are in
+train_cli.py). Only argparse and the error type are imported up front, so `--help` and the
+runtime commands never pay for (or need) torch."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +13,9 @@ from detr_edge.runtime.errors import UserError
 from detr_edge import train_cli
 
 # a missing optional dependency -> the extra that brings it
-_EXTRAS = {"torch": "train", "torchvision": "train", "scipy": "train", "pycocotools": "train",
-           "safetensors": "train", "onnx": "export", "onnxruntime": "export", "tensorrt": "tensorrt"}
+_EXTRAS = {"torch": "train", "torchvision": "train", "safetensors": "train", "matplotlib": "train",
+           "onnx": "export", "onnxslim": "export", "onnxruntime": "onnxruntime", "pycocotools": "calibration",
+           "tensorrt": "tensorrt", "polygraphy": "tensorrt"}
 
 
 def _register(sub) -> None:
@@ -39,9 +40,10 @@ def _register(sub) -> None:
                                              "(default /norm,/backbone.1/,/detections/)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("check", help="(export) accuracy of ONNX files against the PyTorch checkpoint: "
-                                     "tensors, detections, COCO AP, pass/fail gate")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("check", help="accuracy of model files against a reference (the PyTorch checkpoint, or any "
+                                     "model file): tensors, detections, COCO AP, pass/fail gate")
+    p.add_argument("reference", nargs="?", help="the reference: a checkpoint (PyTorch), .onnx or .engine")
+    p.add_argument("--reference", dest="reference_option", metavar="REFERENCE", help="the same, as an option")
     p.add_argument("--against", nargs="+", required=True, metavar="MODEL",
                    help="ONNX files and TensorRT engines (.engine, with their .engine.json) to check")
     p.add_argument("--data", required=True, help="image folder, COCO layout root, or instances json")
@@ -120,7 +122,7 @@ def _register(sub) -> None:
     p.add_argument("--max-frames", type=int, help="pipeline: at most N frames")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("deploy", help="(export) checkpoint -> FP32/FP16/INT8 ONNX (+ TensorRT engines on a GPU), "
+    p = sub.add_parser("deploy", help="checkpoint -> FP32/FP16/INT8 ONNX (+ TensorRT engines on a GPU), "
                                       "each checked against PyTorch with a gate, benchmarked, reported")
     p.add_argument("checkpoint")
     p.add_argument("--imgsz", help="input size H x W or S (default: the checkpoint's)")
@@ -135,9 +137,9 @@ def _register(sub) -> None:
     p.add_argument("--out", default="deploy-out")
     p.set_defaults(func=_deploy)
 
-    p = sub.add_parser("info", help="(export) architecture, classes, parameters and input size of a "
-                                    "checkpoint or ONNX file")
-    p.add_argument("file", help="checkpoint (.pth), Hugging Face DETR folder, or .onnx")
+    p = sub.add_parser("info", help="architecture, classes, parameters and input size of a "
+                                    "checkpoint, ONNX file or engine")
+    p.add_argument("file", help="checkpoint (.pth), Hugging Face DETR folder, .onnx, or .engine (its sidecar)")
     p.set_defaults(func=_info)
 
 
@@ -155,7 +157,8 @@ def _export(args) -> None:
 
     from detr_edge.runtime.metadata import parse_imgsz
 
-    from detr_edge.export.fp16 import KEEP_FP32_NAMES, KEEP_FP32_OPS, convert_fp16
+    from detr_edge.calibration.precision import KEEP_FP32_NAMES, KEEP_FP32_OPS
+    from detr_edge.export.fp16 import convert_fp16
     from detr_edge.export.onnx_export import ExportOptions, export_onnx, resolve_opset
 
     precisions = _split(args.precision)
@@ -277,8 +280,11 @@ def _deploy(args) -> None:
 def _check(args) -> None:
     from .check import check, markdown
 
-    report = check(args.checkpoint, args.against, args.data, split=args.split, conf=args.conf, iou=args.iou,
-                   batch_size=args.batch_size, limit=args.limit, contiguous=args.contiguous_ids, out=args.out)
+    if (args.reference is None) == (args.reference_option is None):
+        raise UserError("check needs one reference: a checkpoint, .onnx or .engine, positional or --reference")
+    report = check(args.reference or args.reference_option, args.against, args.data, split=args.split, conf=args.conf,
+                   iou=args.iou, batch_size=args.batch_size, limit=args.limit, contiguous=args.contiguous_ids,
+                   out=args.out)
     print(markdown(report))
     print(f"report: {args.out}/report.md, report.json, deltas.png")
     if not report["passed"]:

@@ -4,9 +4,10 @@ export -> FP16 ONNX -> INT8 (calibrated; the sensitivity search when INT8 fails 
 -> TensorRT engines when TensorRT and a GPU are here -> check every artifact against
 PyTorch -> bench every artifact -> DIR/report.md, report.json, report.html.
 
-Resumable: each step records the fingerprint of what it consumed (file hashes and
-options) in DIR/deploy-state.json; a rerun skips every step whose outputs exist and whose
-inputs did not change.
+Resumable: each step records the fingerprint of what it consumed (file hashes, options,
+and the environment that can change its output: the versions of detr-edge, torch,
+onnxruntime and TensorRT, and the GPU) in DIR/deploy-state.json; a rerun skips every step
+whose outputs exist and whose fingerprint did not change. Each artifact is loaded once.
 """
 from __future__ import annotations
 
@@ -36,18 +37,35 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def environment() -> dict:
+    """What changes a step's output besides its inputs and options."""
+    import onnxruntime
+    import torch
+
+    from detr_edge import __version__
+    from detr_edge.runtime.cuda import device_info
+    env = {"detr_edge": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+           "tensorrt": None, "gpu": None}
+    with contextlib.suppress(Exception):  # no TensorRT, no GPU: None
+        env["tensorrt"] = __import__("tensorrt").__version__
+    with contextlib.suppress(Exception):
+        env["gpu"] = device_info()["gpu"]
+    return env
+
+
 class Steps:
     """Fingerprinted steps: `run(name, inputs, options, outputs, body)` calls `body` only
-    when an output is missing or an input/option changed since the last run."""
+    when an output is missing or an input, an option or the environment changed since the
+    last run."""
 
-    def __init__(self, state_path: Path):
-        self.path = state_path
+    def __init__(self, state_path: Path, env: dict):
+        self.path, self.env = state_path, env
         self.state = json.loads(state_path.read_text()) if state_path.exists() else {}
         self.ran, self.skipped = [], []
 
     def run(self, name: str, inputs: list, options: dict, outputs: list, body):
-        key = hashlib.sha256(json.dumps({"inputs": [_digest(Path(p)) for p in inputs], "options": options},
-                                        sort_keys=True, default=str).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps({"inputs": [_digest(Path(p)) for p in inputs], "options": options,
+                                         "environment": self.env}, sort_keys=True, default=str).encode()).hexdigest()
         if self.state.get(name, {}).get("key") == key and all(Path(p).exists() for p in outputs):
             self.skipped.append(name)
             return self.state[name].get("result")
@@ -61,11 +79,6 @@ class Steps:
 def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), calib_data=None, val_data=None,
            target: str = "ort", dynamic_batch: bool = True, calib_samples: int = 256, max_ap_drop: float = 1.0,
            triton: bool = False, bench_iters: int = 30) -> dict:
-    from .check import TOLERANCES, check
-    from detr_edge.export.fp16 import convert_fp16
-    from .calibrate import calibrate
-    from detr_edge.export.onnx_export import ExportOptions, export_onnx
-
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.exists():
         raise UserError(f"{checkpoint}: no such file")
@@ -77,9 +90,40 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
     if not val_data:
         raise UserError("--val-data is needed: every artifact is checked against PyTorch on it")
     out.mkdir(parents=True, exist_ok=True)
-    steps = Steps(out / "deploy-state.json")
+    with Loaded() as loaded:
+        return _deploy(checkpoint, out, Steps(out / "deploy-state.json", environment()), loaded, imgsz, precisions,
+                       calib_data, val_data, target, dynamic_batch, calib_samples, max_ap_drop, triton, bench_iters)
+
+
+class Loaded(contextlib.ExitStack):
+    """Each artifact loaded once (`get`), closed at the end or when its file is remade (`forget`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backends: dict[Path, object] = {}
+
+    def get(self, path):
+        from .check import load_reference
+        path = Path(path)
+        if path not in self.backends:
+            self.backends[path] = self.enter_context(load_reference(path))
+        return self.backends[path]
+
+    def forget(self, paths) -> None:
+        for path in map(Path, paths):
+            if path in self.backends:
+                self.backends.pop(path).close()
+
+
+def _deploy(checkpoint: Path, out: Path, steps: Steps, loaded: Loaded, imgsz, precisions, calib_data, val_data,
+            target, dynamic_batch, calib_samples, max_ap_drop, triton, bench_iters) -> dict:
+    from detr_edge.export.fp16 import convert_fp16
+    from detr_edge.export.onnx_export import ExportOptions, export_onnx
+
+    from .calibrate import calibrate
+    from .check import TOLERANCES, check
+
     model = out / "model.onnx"
-    options = {"imgsz": imgsz, "target": target, "dynamic_batch": dynamic_batch}
 
     def do_export():
         from detr_edge.train.checkpoint import load_model
@@ -87,7 +131,8 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
         net, config = load_model(checkpoint, imgsz=imgsz or OFFICIAL_IMGSZ)
         export_onnx(net.eval(), config, model, ExportOptions(imgsz=imgsz, dynamic_batch=dynamic_batch, target=target),
                     source=checkpoint.name)
-    steps.run("export", [checkpoint], options, [model], do_export)
+    steps.run("export", [checkpoint], {"imgsz": imgsz, "target": target, "dynamic_batch": dynamic_batch}, [model],
+              do_export)
     artifacts = {"fp32": model}
     if "fp16" in precisions:
         artifacts["fp16"] = model.with_suffix(".fp16.onnx")
@@ -96,23 +141,24 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
     if "int8" in precisions:
         artifacts["int8"] = model.with_suffix(".int8.onnx")
         artifacts["int8-cpu"] = model.with_suffix(".int8-cpu.onnx")
-        calib = {"samples": calib_samples}
-        steps.run("int8", [model, calib_data], calib, [artifacts["int8"], artifacts["int8-cpu"]],
-                  lambda: calibrate(model, calib_data, samples=calib_samples) and None)
+        steps.run("int8", [model, calib_data], {"samples": calib_samples}, [artifacts["int8"], artifacts["int8-cpu"]],
+                  lambda: calibrate(loaded.get(model), calib_data, samples=calib_samples, load=loaded.get) and None)
     engines = _engines(steps, artifacts, precisions)
     files = list(artifacts.values()) + list(engines.values())
 
     def do_check():
-        return check(checkpoint, files, val_data, out=out / "check")
+        return check(loaded.get(checkpoint), [loaded.get(f) for f in files], val_data, out=out / "check")
     report = steps.run("check", [checkpoint, val_data, *files], {"tolerances": TOLERANCES}, [out / "check" / "report.json"],
                        do_check)
     failed = {m["file"] for m in report["models"] if not m["gate"]["passed"]}
     if "int8" in precisions and failed & {artifacts["int8"].name, artifacts["int8-cpu"].name}:
         log.warning("INT8 failed its gate (%s): running the sensitivity search", ", ".join(sorted(failed)))
+        loaded.forget([artifacts["int8"], artifacts["int8-cpu"]])
         steps.run("int8-search", [model, calib_data, val_data], {"samples": calib_samples, "max_ap_drop": max_ap_drop},
                   [artifacts["int8"], artifacts["int8-cpu"]],
-                  lambda: calibrate(model, calib_data, samples=calib_samples, val_data=val_data, auto=True,
-                                    max_ap_drop=max_ap_drop, against_fp32=True) and None)
+                  lambda: calibrate(loaded.get(model), calib_data, samples=calib_samples, val_data=val_data, auto=True,
+                                    max_ap_drop=max_ap_drop, against_fp32=True, load=loaded.get) and None)
+        loaded.forget(engines.values())
         engines = _engines(steps, artifacts, precisions)
         files = list(artifacts.values()) + list(engines.values())
         report = steps.run("check-after-search", [checkpoint, val_data, *files], {"tolerances": TOLERANCES},
@@ -122,16 +168,17 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
                      "what it keeps float)" if not still & failed else
                      "INT8 failed its gate; the sensitivity search did not bring it within the gate")
     latency = steps.run("bench", files, {"iters": bench_iters}, files,
-                        lambda: {Path(f).name: _latency(f, bench_iters) for f in files})
+                        lambda: {Path(f).name: _latency(loaded.get(f), bench_iters) for f in files})
     samples = steps.run("samples", [checkpoint, val_data, *files], {}, [out / "samples"],
-                        lambda: _samples(checkpoint, files, val_data, out / "samples"))
-    summary = _summary(report, latency, artifacts, engines, int8_note)
+                        lambda: _samples(loaded.get(checkpoint), [loaded.get(f) for f in files], val_data,
+                                         out / "samples"))
+    summary = _summary(report, checkpoint, latency, artifacts, engines, int8_note)
     summary["samples"] = samples
     summary["steps"] = {"ran": steps.ran, "skipped": steps.skipped}
     if triton:
         every = {**artifacts, **engines}
         summary["triton"] = steps.run("triton", list(every.values()), {}, [out / "triton"],
-                                      lambda: str(write_triton(out / "triton", every)))
+                                      lambda: str(write_triton(out / "triton", every, loaded.get)))
     write_json(out / "report.json", summary)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown(summary))
@@ -160,46 +207,35 @@ def _engines(steps: Steps, artifacts: dict, precisions) -> dict:
     return engines
 
 
-def _latency(path, iters: int) -> dict:
+def _latency(engine, iters: int) -> dict:
     import numpy as np
 
-    from detr_edge.runtime.backends import load_backend
     from detr_edge.runtime.run import model_alone
-    with load_backend(path) as engine:
-        frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
-        times = model_alone(engine, frame, iters)
+    frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
+    times = model_alone(engine, frame, iters)
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
 
 
-def _samples(checkpoint, files, val_data, folder: Path, count: int = 3, conf: float = 0.5) -> list[str]:
-    """A few validation images annotated by PyTorch and by each artifact, side by side."""
-    from detr_edge.runtime.backends import load_backend
-    from detr_edge.train.checkpoint import load_model
-
-    from .check import Images
-    model, config = load_model(checkpoint)
-    model.eval()
-    with contextlib.ExitStack() as loaded:
-        backends = [loaded.enter_context(load_backend(f)) for f in files]
-        return [_sample(path, model, config, backends, folder, conf) for path in Images.load(val_data, limit=count).paths]
+def _samples(reference, backends: list, val_data, folder: Path, count: int = 3, conf: float = 0.5) -> list[str]:
+    """A few validation images annotated by the reference (PyTorch) and by each artifact, side by side."""
+    from detr_edge.runtime.coco import Images
+    return [_sample(path, [reference, *backends], folder, conf) for path in Images.load(val_data, limit=count).paths]
 
 
-def _sample(path: Path, model, config: dict, backends: list, folder: Path, conf: float) -> str:
-    """PyTorch's and each backend's detections on one image, side by side, as a jpg in `folder`."""
+def _sample(path: Path, backends: list, folder: Path, conf: float) -> str:
+    """Each backend's detections on one image, side by side, as a jpg in `folder`."""
     import cv2
     import numpy as np
 
     from detr_edge.runtime.draw import draw_detections
+    from detr_edge.runtime.io import read_image
     from detr_edge.runtime.preprocess import preprocess
-    from detr_edge.train.predict import predict_frames, read_image
 
     frame = read_image(path)
-    panels = [("PyTorch", predict_frames(model, [frame], config["preprocess"], conf)[0])]
-    panels += [(b.name, b.detect(preprocess([frame], b.spec), conf)[0]) for b in backends]
     tiles = []
-    for title, detections in panels:
-        tile = draw_detections(frame, detections, config["classes"])
-        cv2.putText(tile, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+    for backend in backends:
+        tile = draw_detections(frame, backend.detect(preprocess([frame], backend.spec), conf)[0], backend.classes)
+        cv2.putText(tile, backend.name, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         tiles.append(tile)
     target = folder / f"{path.stem}.jpg"
     with atomic_path(target) as tmp:
@@ -207,7 +243,7 @@ def _sample(path: Path, model, config: dict, backends: list, folder: Path, conf:
     return str(target.relative_to(folder.parent))
 
 
-def _summary(report: dict, latency: dict, artifacts: dict, engines: dict, int8_note) -> dict:
+def _summary(report: dict, checkpoint: Path, latency: dict, artifacts: dict, engines: dict, int8_note) -> dict:
     rows = []
     by_file = {m["file"]: m for m in report["models"]}
     for kind, path in {**artifacts, **engines}.items():
@@ -218,7 +254,7 @@ def _summary(report: dict, latency: dict, artifacts: dict, engines: dict, int8_n
                      "latency_p50_ms": latency[Path(path).name]["p50_ms"],
                      "MiB": round(Path(path).stat().st_size / 2**20, 2), "passed": m["gate"]["passed"],
                      "failures": m["gate"]["failures"]})
-    return {"checkpoint": report["checkpoint"], "data": report["data"], "pytorch": report["pytorch"],
+    return {"checkpoint": str(checkpoint), "data": report["data"], "pytorch": report["reference"]["AP"],
             "artifacts": rows, "int8": int8_note, "engines": bool(engines),
             "passed": all(r["passed"] for r in rows)}
 
@@ -284,10 +320,8 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bool": "TYPE_BO
                 "int32": "TYPE_INT32"}
 
 
-def triton_config(name: str, path: Path) -> str:
+def triton_config(name: str, path: Path, backend) -> str:
     """config.pbtxt for one ONNX file or engine (tensor names and shapes read from the file)."""
-    from detr_edge.runtime.backends import load_backend
-    backend = load_backend(path)
     tensors = _tensors(path, backend)
     dynamic = backend.batch is None
     platform = "tensorrt_plan" if path.suffix in (".engine", ".plan") else "onnxruntime_onnx"
@@ -317,8 +351,9 @@ def _tensors(path: Path, backend) -> dict:
     return {"input": describe(graph.input), "output": describe(graph.output)}
 
 
-def write_triton(root: Path, files: dict) -> Path:
-    """A Triton model repository: one model per artifact, `<name>/config.pbtxt` + `<name>/1/model.*`."""
+def write_triton(root: Path, files: dict, backend_of) -> Path:
+    """A Triton model repository: one model per artifact, `<name>/config.pbtxt` + `<name>/1/model.*`
+    (`backend_of(path)`: the artifact's loaded backend)."""
     for kind, path in files.items():
         path = Path(path)
         name = "detr_" + kind.replace(" ", "_").replace("-", "_")
@@ -327,5 +362,5 @@ def write_triton(root: Path, files: dict) -> Path:
         target = folder / "1" / ("model.plan" if path.suffix in (".engine", ".plan") else "model.onnx")
         shutil.copyfile(path, target)
         with atomic_path(folder / "config.pbtxt") as tmp:
-            tmp.write_text(triton_config(name, path))
+            tmp.write_text(triton_config(name, path, backend_of(path)))
     return root

@@ -171,7 +171,8 @@ def _eval(args) -> None:
     from detr_edge.runtime.metadata import parse_imgsz
 
     from detr_edge.train.checkpoint import load_model
-    from detr_edge.train.data import CocoDetection, Transform, resolve_coco
+    from detr_edge.runtime.coco import resolve_coco
+    from detr_edge.train.data import CocoDetection, Transform
     from detr_edge.train.evaluate import evaluate
 
     model, config = load_model(args.checkpoint)

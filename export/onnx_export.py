@@ -120,7 +120,8 @@ def export_onnx(model, config: dict, out, options: ExportOptions, source: str = 
             "export": {"precision": "fp32", "outputs": "detections" if options.postprocess else "raw",
                        "max_det": topk if options.postprocess else None,
                        "batch": "dynamic" if options.dynamic_batch else options.batch,
-                       "opset": opset, "target": options.target, "exporter": f"torch {torch.__version__} torchscript",
+                       "opset": opset, "target": options.target, "target_opsets": list(TARGETS[options.target][1:]),
+                       "exporter": f"torch {torch.__version__} torchscript",
                        "source": source}}
     out = Path(out)
     with atomic_path(out) as tmp, warnings.catch_warnings():

@@ -115,7 +115,7 @@ def plan(onnx_path, trt_version: str, options: BuildOptions | None = None, devic
 
     from detr_edge.runtime.metadata import read_onnx_metadata
 
-    from .fp16 import KEEP_FP32_NAMES, KEEP_FP32_OPS, fp32_nodes
+    from detr_edge.calibration.precision import KEEP_FP32_NAMES, KEEP_FP32_OPS, fp32_nodes
 
     options = options or BuildOptions()
     onnx_path = Path(onnx_path)

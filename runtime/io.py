@@ -1,10 +1,16 @@
-"""Atomic file writes: a killed process never leaves a half-written artifact."""
+"""Files: atomic writes (a killed process never leaves a half-written artifact), image
+reading, the COCO layout's folder naming."""
 from __future__ import annotations
 
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import UserError
 
 
 @contextmanager
@@ -25,6 +31,14 @@ def atomic_path(path):
 def write_json(path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_image(path) -> np.ndarray:
+    """A BGR image file, or one clear error."""
+    frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if frame is None:
+        raise UserError(f"{path}: not a readable image" if Path(path).exists() else f"{path}: no such file")
+    return frame
 
 
 def coco_image_folder(annotations) -> Path:

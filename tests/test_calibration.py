@@ -1,8 +1,10 @@
 """calibration/: samples, the two Q/DQ flavours (TensorRT's parser rules walked node by
 node), the TensorRT cache and calibrator, the sensitivity search, the `calibrate` command."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,7 +22,7 @@ from detr_edge.runtime.preprocess import preprocess
 from detr_edge.train.config import checkpoint_config
 from detr_edge.train.synth import synthesize
 
-from conftest import ROOT, sharp_model, small_config
+from conftest import NO_TORCH, ROOT, sharp_model, small_config
 
 SMALL = small_config()
 SPEC = preprocess_spec((128, 128))
@@ -37,8 +39,10 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibrated(work):
+    """Calibrated with unannotated --val-data: AP against the FP32 file's own detections (a
+    random model scores 0 on the real annotations, which would make every AP bound hold)."""
     assert main(["calibrate", str(work / "m.onnx"), "--data", str(work / "data" / "train"), "--samples", "8",
-                 "--val-data", str(work / "data" / "annotations" / "instances_val.json"), "--trt-version", "8.6.1"]) == 0
+                 "--val-data", str(work / "data" / "val"), "--trt-version", "8.6.1"]) == 0
     return work
 
 
@@ -147,7 +151,7 @@ def test_tensorrt_flavour_is_placed_as_tensorrt_fuses_it(calibrated):
     """A dedicated Q/DQ pair per consumer, none on Conv/MatMul/Gemm outputs, the MatMuls
     between two activations left float, and FP16 between the pairs (opset 19, FP16 scales)
     except the FP32 islands of the FP16 file."""
-    from detr_edge.export.fp16 import fp32_nodes
+    from detr_edge.calibration.precision import fp32_nodes
     path = calibrated / "m.int8.onnx"
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     export = read_onnx_metadata(graph, path)["export"]
@@ -186,10 +190,9 @@ def test_tensorrt_flavour_for_tensorrt_8_keeps_the_fp32_graph_and_can_quantize_a
     """TensorRT 8.x parses no opset 19 (FP32 Q/DQ only): the graph stays FP32 and the builder
     sets FP16 with the islands pinned. `attention` quantizes Q.K^T and softmax.V too."""
     from detr_edge.calibration.quantize import QuantOptions, quantize
-    from detr_edge.export.fp16 import fp16_around_qdq
     source = tmp_path / "m86.onnx"
     export_onnx(sharp_model(SMALL), checkpoint_config(SMALL, (128, 128), None), source, ExportOptions(target="trt8.6"))
-    options = QuantOptions(fp16=fp16_around_qdq, attention=True)
+    options = QuantOptions(attention=True)
     reader = Samples(work / "data" / "train", SPEC, samples=4, progress=False)
     meta = quantize(source, tmp_path / "m86.int8.onnx", "trt", options, tmp_path / "r.json", reader)
     graph = onnx.load(str(tmp_path / "m86.int8.onnx"))
@@ -231,16 +234,44 @@ def test_cpu_flavour_products_cannot_saturate_avx2_int16_pairs(calibrated, tmp_p
     assert read_onnx_metadata(onnx.load(str(tmp_path / "m.int8-cpu.onnx")), "m")["export"]["int8"]["weight_bits"] == 8
 
 
-def test_report_and_ap_within_a_point_of_fp32_on_annotated_data(calibrated):
+def test_report_lists_each_file_with_its_size_exclusions_and_ap(calibrated):
+    """The report's AP is the files' AP: recomputed here against the FP32 file's detections."""
+    from detr_edge.check import coco_ap, pseudo_labelled
+    from detr_edge.runtime.backends import load_backend
+    from detr_edge.runtime.coco import Images
+
     report = json.loads((calibrated / "m.int8.report.json").read_text())
-    assert report["samples"] == 8 and report["method"] == "entropy"
-    assert set(report["ap"]) == {"fp32", "int8 trt", "int8 cpu"}
-    for flavour in ("trt", "cpu"):
+    assert report["samples"] == 8 and report["method"] == "entropy" and "own detections" in report["ap_reference"]
+    assert set(report["ap"]) == {"fp32", "int8 trt", "int8 cpu"} and report["ap"]["fp32"] == 100.0
+    with load_backend(calibrated / "m.onnx") as fp32:
+        images = pseudo_labelled(fp32, Images.load(calibrated / "data" / "val"))
+    for flavour, suffix in (("trt", ".int8.onnx"), ("cpu", ".int8-cpu.onnx")):
+        with load_backend(calibrated / f"m{suffix}") as int8:
+            assert report["ap"][f"int8 {flavour}"] == pytest.approx(coco_ap(int8, images))
+        assert 0 < report["ap"][f"int8 {flavour}"] < 100  # a random model's INT8 does lose detections
         entry = report["files"][flavour]
         assert entry["MiB"] < report["files"]["fp32"]["MiB"] / 3  # int8 weights
         kept = {n for n in entry["excluded_nodes"] if "/bbox_embed/" not in n}
         assert len(kept) == (9 if flavour == "trt" else 0)  # the TensorRT flavour's activation MatMuls
     assert "| m.int8-cpu.onnx |" in (calibrated / "m.int8.report.md").read_text()
+
+
+DEMO_CHECKPOINT = Path(os.environ.get("DETR_EDGE_DEMO_CHECKPOINT", ROOT / "demo-out" / "train" / "best.pth"))
+
+
+@pytest.mark.skipif(not DEMO_CHECKPOINT.exists(), reason=f"no demo model at {DEMO_CHECKPOINT}: `make demo` trains it "
+                                                         "(15 min), or set DETR_EDGE_DEMO_CHECKPOINT")
+def test_default_int8_is_within_a_point_of_pytorch_on_the_demo_model(tmp_path):
+    """The AP bound, on a model that detects: both flavours within 1.0 AP of the FP32 file
+    (itself equal to PyTorch, tests/test_export.py) on the demo's annotated val images."""
+    data = DEMO_CHECKPOINT.parents[1] / "data"
+    assert main(["export", str(DEMO_CHECKPOINT), "--out", str(tmp_path / "m.onnx"), "--dynamic-batch"]) == 0
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--data", str(data / "train"), "--samples", "128",
+                 "--val-data", str(data / "annotations" / "instances_val.json")]) == 0
+    ap = json.loads((tmp_path / "m.int8.report.json").read_text())["ap"]
+    assert ap["fp32"] > 50  # a model that detects
+    for flavour in ("trt", "cpu"):
+        assert abs(ap[f"int8 {flavour}"] - ap["fp32"]) <= 1.0, ap
 
 
 def test_trt_cache_has_a_scale_for_every_float_tensor_and_an_explicit_version(calibrated, tmp_path):
@@ -313,10 +344,15 @@ def test_the_legacy_calibrators_feed_keeps_errors_and_counts_batches(work):
 
 
 def test_sensitivity_search_keeps_costly_groups_float_until_within_target(work, tmp_path):
+    """Run where torch cannot be imported: calibration, its AP and the search are onnxruntime
+    and pycocotools work (a Jetson or a CPU box without the train extra)."""
     model = tmp_path / "m.onnx"
     model.write_bytes((work / "m.onnx").read_bytes())
-    assert main(["calibrate", str(model), "--data", str(work / "data" / "train"), "--samples", "8",
-                 "--flavour", "cpu", "--val-data", str(work / "data" / "val"), "--auto", "--max-ap-drop", "1.0"]) == 0
+    args = ["calibrate", str(model), "--data", str(work / "data" / "train"), "--samples", "8", "--flavour", "cpu",
+            "--val-data", str(work / "data" / "val"), "--auto", "--max-ap-drop", "1.0"]
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH + f"from detr_edge.cli import main\nsys.exit(main({args!r}))"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "m.int8.report.json").read_text())
     result = report["search"]["cpu"]
     first, last = result["steps"][0], result["steps"][-1]

@@ -9,7 +9,8 @@ from torchvision.ops import box_convert
 from detr_edge.runtime.errors import UserError
 from detr_edge.runtime.metadata import preprocess_spec
 from detr_edge.runtime.preprocess import preprocess
-from detr_edge.train.data import CocoDetection, Transform, collate, find_split
+from detr_edge.runtime.coco import find_split
+from detr_edge.train.data import CocoDetection, Transform, collate
 from detr_edge.train.synth import CLASSES, synthesize
 
 from conftest import COCO_TINY

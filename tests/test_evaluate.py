@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 
-from detr_edge.train.evaluate import METRICS, coco_metrics, to_coco_results
+from detr_edge.runtime.coco import METRICS, coco_metrics, to_coco_results
 
 from conftest import COCO_TINY
 

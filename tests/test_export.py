@@ -61,7 +61,7 @@ def test_fp32_matches_pytorch_on_real_photos_batch_1_and_4(checkpoint, dynamic_o
     batch1 = preprocess(frames[:1], spec)
     detections = 0
     for batch in (batch1, batch4):
-        logits, boxes = backend.infer(batch.images, batch.mask)
+        logits, boxes = backend.infer(batch.images, batch.mask).values()
         ref_logits, ref_boxes = reference(model, batch)
         assert logits.shape == ref_logits.shape and boxes.shape == ref_boxes.shape
         assert np.abs(logits - ref_logits).max() <= 1e-4
@@ -84,7 +84,7 @@ def test_fixed_batch_model_runs_any_number_of_images(checkpoint, tmp_path, coco_
     assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [2, 3, *IMGSZ]
     backend = load_backend(out)
     batch = preprocess([cv2.imread(str(p)) for p in coco_photos[:3]], preprocess_spec(IMGSZ))
-    logits, boxes = backend.infer(batch.images, batch.mask)  # chunks 2 + 1 (padded)
+    logits, boxes = backend.infer(batch.images, batch.mask).values()  # chunks 2 + 1 (padded)
     ref_logits, ref_boxes = reference(model, batch)
     assert logits.shape[0] == 3
     assert np.abs(logits - ref_logits).max() <= 1e-4 and np.abs(boxes - ref_boxes).max() <= 1e-4

@@ -71,9 +71,12 @@ def test_info_on_checkpoint(checkpoint, capsys):
 def test_info_on_onnx_reads_metadata(tmp_path, capsys):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
-    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "g",
-                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 64, 64])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"]),
+                               helper.make_node("Not", ["mask"], ["boxes"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 64, 64]),
+                               helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", 64, 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 64, 64]),
+                               helper.make_tensor_value_info("boxes", TensorProto.BOOL, ["batch", 64, 64])],
                               [helper.make_tensor("w", TensorProto.FLOAT, [2, 3], [0.0] * 6)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     meta = checkpoint_config(SMALL, (64, 64))

@@ -325,8 +325,9 @@ def test_the_runner_splits_batches_beyond_the_profile(bindings, files, use_stub,
     version, strings = bindings
     backend, trt = _engine(tmp_path, files, use_stub, strings, version, (1, 2, 2))
     assert backend.max_batch == 2 and backend.batch_range == (1, 2, 2)
-    logits, boxes = backend.infer(np.zeros((5, 3, 64, 64), np.float32), np.zeros((5, 64, 64), bool))
-    assert logits.shape == (5, 5, 4) and boxes.shape == (5, 5, 4)
+    outputs = backend.infer(np.zeros((5, 3, 64, 64), np.float32), np.zeros((5, 64, 64), bool))
+    assert list(outputs) == ["logits", "boxes"]  # by name, in the ONNX order
+    assert outputs["logits"].shape == (5, 5, 4) and outputs["boxes"].shape == (5, 5, 4)
     assert backend.context.runs == 3  # 2 + 2 + 1
     assert {"set_tensor_address", "execute_async_v3", "set_input_shape"} <= trt.names.used
     assert len({id(logger) for logger in trt.loggers}) == 1 and not trt.created_loggers  # the builder's logger

@@ -1,6 +1,6 @@
-"""COCO-format detection data (pycocotools), the paper's augmentation and the edge
-recipe (torchvision.transforms.v2 with tv_tensors.BoundingBoxes), and batching with
-padding + mask as in the official code.
+"""COCO-format detection data as a torch Dataset (the files and class mapping are
+runtime.coco's), the paper's augmentation and the edge recipe (torchvision.transforms.v2
+with tv_tensors.BoundingBoxes), and batching with padding + mask as in the official code.
 
 Targets follow the official convention: `labels` are category ids (num_classes = max
 id + 1) unless `contiguous=True` remaps them to 0..C-1; `boxes` are cxcywh normalised
@@ -8,10 +8,7 @@ by the (unpadded) image size; crowd boxes are excluded.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -22,11 +19,10 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from detr_edge.runtime.coco import CocoAnnotations
 from detr_edge.runtime.errors import UserError
-from detr_edge.runtime.io import coco_image_folder
 from detr_edge.runtime.metadata import IMAGENET_MEAN, IMAGENET_STD, preprocess_spec
 from detr_edge.runtime.preprocess import preprocess
-from detr_edge.runtime.sources import IMAGE_SUFFIXES
 
 OFFICIAL_SCALES = list(range(480, 801, 32))
 
@@ -127,41 +123,14 @@ class Transform:
         return pixels, mask, target
 
 
-class CocoDetection(torch.utils.data.Dataset):
-    """A COCO instances json + image folder, read with pycocotools."""
+class CocoDetection(CocoAnnotations, torch.utils.data.Dataset):
+    """A COCO instances json + image folder (runtime.coco) as a torch Dataset of transformed
+    images and targets."""
 
     def __init__(self, images: str | Path, annotations: str | Path, transform: Transform | None = None,
                  contiguous: bool = False):
-        from pycocotools.coco import COCO
-        self.images = Path(images)
-        annotations = Path(annotations)
-        if not annotations.is_file():
-            raise UserError(f"{annotations}: no such annotation file")
-        if not self.images.is_dir():
-            raise UserError(f"{self.images}: no such image folder")
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-                self.coco = COCO(str(annotations))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{annotations}: not a COCO instances file ({exc})") from None
-        self.ids = sorted(self.coco.imgs)
+        super().__init__(images, annotations, contiguous)
         self.transform = transform
-        cats = sorted(self.coco.cats.values(), key=lambda c: c["id"])
-        if not cats:
-            raise UserError(f"{annotations}: no categories")
-        if contiguous:
-            self.cat_to_label = {c["id"]: i for i, c in enumerate(cats)}
-            self.classes = [c["name"] for c in cats]
-        else:
-            self.cat_to_label = {c["id"]: c["id"] for c in cats}
-            self.classes = ["N/A"] * (cats[-1]["id"] + 1)
-            for c in cats:
-                self.classes[c["id"]] = c["name"]
-        self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -203,52 +172,3 @@ def collate(batch):
         out[i, :, :h, :w] = image
         out_mask[i, :h, :w] = mask
     return out, out_mask, list(targets)
-
-
-def resolve_coco(data: str | Path, split: str = "val") -> tuple[Path, Path]:
-    """A COCO layout root (see `find_split`) or an instances json (its image folder named
-    like its suffix: instances_val2017.json -> val2017/) -> (image folder, annotation file)."""
-    data = Path(data)
-    if data.suffix == ".json":
-        return coco_image_folder(data), data
-    return find_split(data, split)
-
-
-def find_split(root: str | Path, split: str) -> tuple[Path, Path]:
-    """COCO layout: ROOT/annotations/instances_<split>*.json and ROOT/<split>*/ images
-    (e.g. instances_val2017.json + val2017/)."""
-    root = Path(root)
-    found = sorted((root / "annotations").glob(f"instances_{split}*.json")) or sorted(root.glob(f"instances_{split}*.json"))
-    if not found:
-        raise UserError(f"{root}: no annotations/instances_{split}*.json (COCO layout expected)")
-    ann = found[0]
-    images = root / ann.stem[len("instances_"):]
-    if not images.is_dir():
-        raise UserError(f"{root}: annotation {ann.name} found but no image folder {images.name}/")
-    return images, ann
-
-
-@dataclass
-class Images:
-    """What --data names: image paths, with pycocotools ground truth when annotated."""
-    paths: list[Path]
-    ids: list[int]
-    coco: object = None
-    label_to_cat: dict = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, data, split: str = "val", contiguous: bool = False, limit: int | None = None) -> "Images":
-        data = Path(data)
-        if not data.exists():
-            raise UserError(f"{data}: no such file or folder")
-        paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if data.is_dir() else []
-        if paths:  # a plain image folder: tensors and detections, no AP
-            return cls(paths[:limit], list(range(len(paths[:limit]))))
-        dataset = CocoDetection(*resolve_coco(data, split), contiguous=contiguous)
-        ids = dataset.ids[:limit]
-        if not ids:
-            raise UserError(f"{data}: the annotation file lists no images")
-        if limit:  # evaluate on the checked images only
-            dataset.coco.imgs = {i: dataset.coco.imgs[i] for i in ids}
-        paths = [dataset.images / dataset.coco.imgs[i]["file_name"] for i in ids]
-        return cls(paths, ids, dataset.coco, dataset.label_to_cat)

@@ -20,13 +20,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
+from detr_edge.runtime.coco import find_split
 from detr_edge.runtime.errors import UserError
 
 from .backbone import downsample_mask
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
 from .config import DETRConfig, checkpoint_config, preset
 from .criterion import SetCriterion
-from .data import CocoDetection, Transform, collate, find_split
+from .data import CocoDetection, Transform, collate
 from .dense_head import BACKBONE_HEAD_LEVELS, DenseHead
 from .detr import DETR
 from .evaluate import evaluate

@@ -22,13 +22,12 @@ import torch
 
 from detr_edge.runtime.draw import class_color, draw_detections
 from detr_edge.runtime.errors import UserError
-from detr_edge.runtime.io import atomic_path, write_json
+from detr_edge.runtime.io import atomic_path, read_image, write_json
 from detr_edge.runtime.metadata import preprocess_spec
 from detr_edge.runtime.preprocess import preprocess
 
 from .checkpoint import load_model
 from .detr import DETR, postprocess
-from .predict import read_image
 
 
 class AttentionRecorder:

@@ -10,7 +10,7 @@ import torch
 
 from detr_edge.runtime.draw import draw_detections
 from detr_edge.runtime.errors import UserError
-from detr_edge.runtime.io import atomic_path, write_json
+from detr_edge.runtime.io import atomic_path, read_image, write_json
 from detr_edge.runtime.metadata import preprocess_spec
 from detr_edge.runtime.postprocess import detections_to_json
 from detr_edge.runtime.preprocess import preprocess
@@ -28,13 +28,6 @@ def predict_frames(model: DETR, frames: list[np.ndarray], spec: dict, conf: floa
     out = model(torch.from_numpy(batch.images).to(device), torch.from_numpy(batch.mask).to(device))
     results = postprocess(out["pred_logits"], out["pred_boxes"], torch.from_numpy(batch.sizes), conf, max_det)
     return [{k: v.cpu().numpy() for k, v in r.items()} for r in results]
-
-
-def read_image(path) -> np.ndarray:
-    frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if frame is None:
-        raise UserError(f"{path}: not a readable image" if Path(path).exists() else f"{path}: no such file")
-    return frame
 
 
 def run(checkpoint, images, out_dir, imgsz=None, conf=0.5, max_det=100, device="cpu") -> dict:

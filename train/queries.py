@@ -14,15 +14,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from detr_edge.runtime.coco import Images
 from detr_edge.runtime.errors import UserError
-from detr_edge.runtime.io import atomic_path, write_json
+from detr_edge.runtime.io import atomic_path, read_image, write_json
 from detr_edge.runtime.metadata import preprocess_spec
 from detr_edge.runtime.preprocess import preprocess
 
 from .checkpoint import load_model
-from .data import Images
 from .detr import DETR, class_scores
-from .predict import read_image
 
 LARGE_AREA = 0.1  # box area over this share of the image counts as large (paper: no figure given)
 COLOURS = {"small": "#2ca02c", "large horizontal": "#d62728", "large vertical": "#1f77b4"}

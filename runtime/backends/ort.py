@@ -32,7 +32,7 @@ class OnnxRuntimeBackend(Backend):
         custom = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in custom:
             raise UserError(f"{path}: ONNX file without detr-edge metadata (not exported by detr-edge)")
-        self.name = path.name
+        self.name, self.path = path.name, path
         self._set_meta(loads(custom[METADATA_KEY], str(path)), str(path))
         if self.export.get("int8", {}).get("graph") == "fp16":
             # onnxruntime's WeightBiasQuantization makes an int32 bias with the product of the

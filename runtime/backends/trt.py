@@ -73,7 +73,7 @@ class TensorRTBackend(Backend):
             raise UserError(f"{side}: not JSON (write sidecars with detr-edge build)") from None
         check_sidecar(meta, trt.__version__, cuda.device_info(), path)
         self._set_meta(validate(meta, str(side)), str(side))
-        self.trt, self.name = trt, path.name
+        self.trt, self.name, self.path = trt, path.name, path
         runtime = trt.Runtime(trt_logger())
         dla = (meta["engine"].get("plan") or {}).get("dla")
         if dla:
@@ -89,7 +89,8 @@ class TensorRTBackend(Backend):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         order = OUTPUTS[self.raw]  # the ONNX graph's output order, whatever order the engine lists
-        self.outputs = sorted((n for n in names if n not in self.inputs), key=lambda n: order.index(n) if n in order else 99)
+        self.output_names = sorted((n for n in names if n not in self.inputs),
+                                   key=lambda n: order.index(n) if n in order else 99)
         if self.batch is None:  # min, opt, max of the optimization profile: batches beyond max are split
             self.batch_range = tuple(int(shape[0]) for shape in self.engine.get_tensor_profile_shape(self.inputs[0], 0))
             self.max_batch = self.batch_range[2]
@@ -108,7 +109,7 @@ class TensorRTBackend(Backend):
             buffers = {}
             with self.memory.active():
                 self._set_shapes(batch)
-                for name in self.inputs + self.outputs:
+                for name in self.inputs + self.output_names:
                     shape = tuple(self.context.get_tensor_shape(name))
                     host = self.memory.host(shape, NUMPY[self.engine.get_tensor_dtype(name).name])
                     buffers[name] = (host, self.memory.device(host.nbytes))
@@ -128,11 +129,11 @@ class TensorRTBackend(Backend):
                 self.context.set_tensor_address(name, device)
             if not self.context.execute_async_v3(self.memory.stream):
                 raise UserError(f"{self.name}: TensorRT execution failed")
-            for name in self.outputs:
+            for name in self.output_names:
                 host, device = buffers[name]
                 self.memory.to_host(host, device)
             self.memory.synchronize()
-        return tuple(buffers[name][0].copy() for name in self.outputs)
+        return tuple(buffers[name][0].copy() for name in self.output_names)
 
     def close(self) -> None:
         """Destroy the execution context and engine inside their CUDA context, then free the buffers."""
