@@ -31,14 +31,15 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="(train) train DETR on a COCO-format dataset (also under torchrun)")
     p.add_argument("--data", required=True, help="COCO layout: annotations/instances_{train,val}*.json + image folders")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--preset", default="detr_r50", help="architecture to train from scratch (default detr_r50)")
+    start.add_argument("--preset", help="architecture to train from scratch (default detr_r50)")
     start.add_argument("--weights", help="start from these weights (official, HF or ours); other classes: "
                                          "only the class head is re-initialised")
-    start.add_argument("--resume", help="continue a run from its last.pth exactly")
-    p.add_argument("--out", default="runs/train")
+    start.add_argument("--resume", help="continue a run from its last.pth exactly, with the run's options (those "
+                                        "that define it: size, rates, heads, --ema, seed...)")
+    p.add_argument("--out", help="the run's folder (default runs/train)")
     p.add_argument("--imgsz", help="training/deployment size H x W or S (default: the preset's)")
-    p.add_argument("--recipe", choices=["edge", "official"], default="edge",
-                   help="edge: letterbox at imgsz as deployed; official: the paper's multi-scale recipe")
+    p.add_argument("--recipe", choices=["edge", "official"],
+                   help="edge (default): letterbox at imgsz as deployed; official: the paper's multi-scale recipe")
     for name, kind, help_text in [
             ("epochs", int, "default 300"), ("batch-size", int, "per process, default 2"),
             ("lr", float, "default 1e-4"), ("lr-backbone", float, "default 1e-5; 0 freezes the backbone"),
@@ -154,16 +155,17 @@ def _predict(args) -> None:
 def _train(args) -> None:
     from detr_edge.runtime.metadata import parse_imgsz
 
-    from detr_edge.train.engine import TrainOptions, train
+    from detr_edge.train.engine import TrainOptions, resume_options, train
 
     given = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__ and v is not None}
     if "imgsz" in given:
         given["imgsz"] = parse_imgsz(given["imgsz"])
     if "backbone_head" in given:
         given["backbone_head"] = tuple(level.strip() for level in given["backbone_head"].split(",") if level.strip())
-    metrics = train(TrainOptions(**given))
+    options = resume_options(given) if "resume" in given else TrainOptions(**given)
+    metrics = train(options)
     if metrics:
-        log.info("final: AP %.3f, AP50 %.3f; checkpoints in %s/", metrics["AP"], metrics["AP50"], args.out)
+        log.info("final: AP %.3f, AP50 %.3f; checkpoints in %s/", metrics["AP"], metrics["AP50"], options.out)
 
 
 def _eval(args) -> None:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from detr_edge.cli import main
 from detr_edge.runtime.errors import UserError
 from detr_edge.train.checkpoint import load_model, save_checkpoint
 from detr_edge.train.config import DETRConfig, checkpoint_config
@@ -49,6 +50,22 @@ def test_official_training_checkpoint_loads_strict(tmp_path, small_model):
     model, config = load_model(path)
     assert DETRConfig.from_dict(config["model"]) == SMALL
     assert same_outputs(model.eval(), small_model)
+
+
+def test_official_style_args_missing_fields_take_the_official_defaults(tmp_path):
+    """Third-party code saving official-style checkpoints with a thinner `args`: the missing
+    nheads, dilation and dropout are main.py's defaults (8, no, 0.1), not an AttributeError."""
+    torch.manual_seed(0)
+    eight = DETR(DETRConfig(**{**SMALL.to_dict(), "nheads": 8})).eval()
+    args = official_args()
+    for name in ("nheads", "dilation", "dropout"):
+        delattr(args, name)
+    path = tmp_path / "third-party.pth"
+    torch.save({"model": eight.state_dict(), "args": args}, path)
+    model, config = load_model(path)
+    assert (config["model"]["nheads"], config["model"]["dilation"], config["model"]["dropout"]) == (8, False, 0.1)
+    assert same_outputs(model.eval(), eight)
+    assert main(["info", str(path)]) == 0
 
 
 def test_release_file_with_only_model_and_dc5_in_name(tmp_path):

@@ -120,8 +120,11 @@ def read_checkpoint(path, imgsz=OFFICIAL_IMGSZ) -> tuple[dict, dict, dict]:
     args = obj.get("args")
     if args is not None and getattr(args, "position_embedding", "sine") not in ("sine", "v2"):
         raise UserError(f"{path}: learned position embeddings are not supported (only the paper's sine)")
-    options = ({"nheads": args.nheads, "dilation": bool(args.dilation), "dropout": args.dropout} if args is not None
-               else {"dilation": "dc5" in path.name.lower()})
+    # the official main.py's defaults for what an `args` (third-party ones too) may lack
+    official = {"nheads": 8, "dilation": "dc5" in path.name.lower(), "dropout": 0.1}
+    options = ({name: getattr(args, name, default) for name, default in official.items()} if args is not None
+               else {"dilation": official["dilation"]})
+    options["dilation"] = bool(options["dilation"])
     return state_dict, _foreign_config(path, state_dict, options, imgsz), obj
 
 

@@ -72,6 +72,30 @@ class TrainOptions:
     seed: int = 42
 
 
+# what defines a run: `--resume` takes these from the checkpoint (given again, they must
+# agree); where the data is, how long, how often to evaluate or save, on what device, may change
+RUN_DEFINING = ("preset", "weights", "imgsz", "recipe", "zoom", "batch_size", "lr", "lr_backbone", "weight_decay",
+                "clip_max_norm", "lr_drop", "warmup", "eos_coef", "class_weight", "aux_loss", "groups",
+                "encoder_head", "backbone_head", "contiguous", "ema", "seed")
+
+
+def resume_options(given: dict) -> TrainOptions:
+    """The options of the run `given['resume']` continues (and its folder), with what `given`
+    may change; an option given again with another value is refused in one line, naming it."""
+    saved = read_checkpoint(given["resume"])[2].get("options") or {}
+    restored = {}
+    for name in RUN_DEFINING:
+        if name not in saved:
+            continue
+        value = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
+        if name in given and given[name] != value:
+            raise UserError(f"--{name.replace('_', '-')} {given[name]} contradicts the run {given['resume']} continues "
+                            f"({value}): leave it out to keep the run's")
+        restored[name] = value
+    restored["out"] = str(Path(given["resume"]).parent)  # the run goes on in its own folder unless --out moves it
+    return TrainOptions(**{**restored, **given})
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation per epoch, sharded over ranks, starting at a given batch:
     what lets a run resume in the middle of an epoch on the very same order."""
