@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := demo-out
 DEMO_MINUTES ?= 15
 
-.PHONY: demo test test-gpu venv clean
+.PHONY: demo test test-gpu venv clean bad-inputs-doc
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ test-gpu: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[tensorrt]" || \
 	    $(PY) -m pip install --quiet polygraphy cuda-python
 	$(PY) -m pytest -q -rs -m gpu tests/gpu
+
+# docs/bad-inputs.md from a real run of the bad-input battery (tests/test_bad_inputs.py checks it)
+bad-inputs-doc: $(STAMP)
+	$(PY) tests/bad_inputs.py docs/bad-inputs.md
 
 demo: $(STAMP)
 	$(PY) -m detr_edge.demo --out $(DEMO) --minutes $(DEMO_MINUTES)

@@ -56,7 +56,8 @@ def _calibrate(fp32, data, flavours, samples, every, options, val_data, auto, ma
     ranges.unlink(missing_ok=True)  # a fresh calibration each run: the ranges of these data
     reader = Samples(data, fp32.spec, samples, every, batch=fp32.batch or 1)
     report = {"model": str(model), "data": str(data), "method": options.method, "op_types": list(options.op_types),
-              "exclude": list(options.exclude), "files": {}, "ap": {}, "latency_ms": {"fp32": latency_ms(fp32)}}
+              "exclude": list(options.exclude), "files": {}, "ap": {}, "latency_ms": {"fp32": latency_ms(fp32)},
+              "max_ap_drop": max_ap_drop}
     evaluate = None
     if val_data is not None:
         images = Images.load(val_data, limit=val_limit)
@@ -94,6 +95,14 @@ def _calibrate(fp32, data, flavours, samples, every, options, val_data, auto, ma
     return report
 
 
+def misses(report: dict) -> list[str]:
+    """One line per INT8 file whose AP drop exceeds the target (needs --val-data's AP)."""
+    base, target = report["ap"].get("fp32"), report["max_ap_drop"]
+    return [f"{Path(report['files'][key.split()[-1]]['file']).name}: AP {ap:.2f}, {ap - base:+.2f} against FP32, "
+            f"misses the target of -{target:g}" for key, ap in report["ap"].items()
+            if key != "fp32" and base is not None and base - ap > target]
+
+
 def markdown(report: dict) -> str:
     rows = [f"INT8 calibration of `{report['model']}`: method {report['method']}, {report['samples']} samples "
             f"from `{report['data']}`, quantized op types {', '.join(report['op_types'])}.", "",
@@ -108,6 +117,10 @@ def markdown(report: dict) -> str:
                     f"{'n/a' if ap is None else f'{ap:.2f}'} | "
                     f"{'n/a' if ap is None or key == 'fp32' else f'{ap - base_ap:+.2f}'} | {ms:.1f} | "
                     f"{base_ms / ms:.2f}x |")
+    if report["ap"]:
+        missed = misses(report)
+        rows += ["", f"Target: an AP drop of at most {report['max_ap_drop']:g} points against FP32: "
+                 + ("met by every file." if not missed else "**missed**: " + "; ".join(missed) + ".")]
     for flavour, result in report.get("search", {}).items():
         rows += ["", f"Sensitivity search ({flavour}): target AP drop <= {result['max_drop']}; "
                  f"{'within' if result['within_target'] else 'NOT within'} target; kept float: "

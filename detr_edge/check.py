@@ -28,6 +28,7 @@ from detr_edge.runtime.backends import ENGINE_SUFFIXES, load_backend
 from detr_edge.runtime.coco import Images, coco_metrics, to_coco_results
 from detr_edge.runtime.errors import UserError
 from detr_edge.runtime.io import atomic_path, read_image, write_json
+from detr_edge.runtime.postprocess import check_conf
 from detr_edge.runtime.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,10 @@ REL_FLOOR = 1e-3
 # fraction of detections matched at the threshold; ap_drop: |AP delta| in points (0-100).
 TOLERANCES = {
     "fp32": {"logits_max_abs": 1e-3, "boxes_max_abs": 1e-4, "agreement": 0.99, "ap_delta": 0.1},
-    "fp16": {"agreement": 0.97, "ap_delta": 0.5},
+    # FP16 on the mean error, which a few unused queries' outliers do not move and a systematic
+    # error (a wrong weight, a LayerNorm in FP16) does: measured 7e-4 (logits) and 8e-5 (boxes)
+    # on the demo model, 0.011 on the test model's sharpened logits (docs/export.md)
+    "fp16": {"logits_mean_abs": 0.05, "boxes_mean_abs": 2e-3, "agreement": 0.97, "ap_delta": 0.5},
     # INT8 moves scores by up to ~0.2 (measured on the demo model), so detections near the
     # threshold flip either way: AP is INT8's main criterion, agreement a looser one
     "int8": {"agreement": 0.80, "ap_delta": 1.0},
@@ -78,9 +82,13 @@ class Comparison:
         self.results: list[dict] = []
 
     def add_tensors(self, outputs: dict, references: dict) -> None:
-        """The float outputs both have, by name."""
+        """The float outputs both have, by name; outputs of one name but other shapes are not
+        the same model's (another class count, another output form): one clear error."""
         for name in (n for n in references if n in outputs and np.issubdtype(references[n].dtype, np.floating)):
             out, ref = outputs[name], references[name]
+            if out.shape != ref.shape:
+                raise UserError(f"{self.backend.name}: its output {name} is {list(out.shape)}, the reference's "
+                                f"{list(ref.shape)}: not outputs of the same model")
             diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
             stats = self.tensors.setdefault(name, {"max_abs": 0.0, "sum_abs": 0.0, "count": 0, "max_rel": 0.0})
             stats["max_abs"] = max(stats["max_abs"], float(diff.max()))
@@ -119,10 +127,11 @@ def gate(summary: dict, tolerances: dict) -> list[str]:
     """The failed criteria of one model, as readable lines (empty = passed)."""
     failures = []
     for name in ("logits", "boxes"):
-        limit = tolerances.get(f"{name}_max_abs")
-        error = summary["tensors"].get(name, {}).get("max_abs")
-        if limit is not None and error is not None and error > limit:
-            failures.append(f"{name} max abs error {error:.3g} > {limit:g}")
+        for stat in ("max_abs", "mean_abs"):
+            limit = tolerances.get(f"{name}_{stat}")
+            error = summary["tensors"].get(name, {}).get(stat)
+            if limit is not None and error is not None and error > limit:
+                failures.append(f"{name} {stat.replace('_', ' ')} error {error:.3g} > {limit:g}")
     agreement = summary["detections"]["agreement"]
     if agreement < tolerances["agreement"]:
         failures.append(f"detection agreement {agreement:.1%} < {tolerances['agreement']:.0%}")
@@ -145,7 +154,15 @@ def check(reference, models: list, data, device: str = "cpu", **options) -> dict
 
 def _check(reference, backends: list, data, split: str = "val", conf: float = 0.5, iou: float = 0.5,
            batch_size: int = 4, limit: int | None = None, contiguous: bool = False, out=None,
-           tolerances: dict | None = None) -> dict:
+           tolerances: dict | None = None, allow_empty: bool = False) -> dict:
+    """`allow_empty`: a reference without a detection at `conf` leaves the gate to the other
+    criteria (else the verdict is inconclusive, and fails)."""
+    check_conf(conf)
+    for backend in backends:
+        ours, theirs = backend.meta["model"].get("num_classes"), reference.meta["model"].get("num_classes")
+        if ours != theirs:
+            raise UserError(f"{backend.name} has {ours} classes, the reference {reference.name} {theirs}: "
+                            "not the same model")
     images = Images.load(data, split, contiguous, limit)
     comparisons = [Comparison(b) for b in backends]
     reference_results: dict[tuple, list] = {}
@@ -203,11 +220,14 @@ def _check(reference, backends: list, data, split: str = "val", conf: float = 0.
                                "AP_delta": 100 * (got["AP"] - ref["AP"]), "AP50_delta": 100 * (got["AP50"] - ref["AP50"])}
         limits = (tolerances or TOLERANCES).get(backend.precision, TOLERANCES["fp32"])
         failures = gate(summary, limits)
-        summary["gate"] = {"tolerances": limits, "passed": not failures, "failures": failures}
+        summary["gate"] = {"tolerances": limits, "passed": not failures, "failures": failures,
+                           "verdict": "fail" if failures else "pass"}
         if comparison.reference == 0:
-            summary["gate"]["warning"] = (f"the reference made no detections at score >= {conf}: the detection "
+            summary["gate"]["warning"] = (f"the reference makes no detection at score >= {conf}: the detection "
                                           "level proves nothing here")
-        all_passed &= not failures
+            if not failures and not allow_empty:  # a pass that proves nothing is not a pass
+                summary["gate"].update(passed=False, verdict="inconclusive")
+        all_passed &= summary["gate"]["passed"]
         report["models"].append(summary)
     report["passed"] = all_passed
     if out is not None:
@@ -277,14 +297,21 @@ def markdown(report: dict) -> str:
             num(m["tensors"].get("boxes", {}).get("max_abs"), ".2e"),
             f"{det['agreement']:.1%} ({det['matched']}/{max(det['reference'], det['candidate'])})",
             f"{det['missing']} / {det['extra']}", num(det["mean_iou"], ".4f"), num(det["score_delta_max_abs"], ".4f"),
-            num(coco.get("AP"), ".2f"), num(coco.get("AP_delta"), "+.2f"),
-            "pass |" if m["gate"]["passed"] else "**FAIL**: " + "; ".join(m["gate"]["failures"]) + " |"]))
+            num(coco.get("AP"), ".2f"), num(coco.get("AP_delta"), "+.2f"), _verdict(m["gate"]) + " |"]))
     reference = report["reference"]
     scores = "; ".join(f"{size}: AP {100 * v['AP']:.2f}, AP50 {100 * v['AP50']:.2f}"
                        for size, v in reference["AP"].items()) or "no annotations"
     return (f"Checked against {reference['name']} ({reference['precision']}) on {report['images']} images of "
             f"`{report['data']}` (detections at score >= {report['conf']}, matched at IoU >= {report['iou']}; "
             f"reference {scores}).\n\n" + "\n".join(rows) + "\n")
+
+
+def _verdict(gate: dict) -> str:
+    if gate.get("verdict") == "inconclusive":
+        return f"**INCONCLUSIVE**: {gate['warning']} (--allow-empty accepts it)"
+    if gate["passed"]:
+        return f"pass ({gate['warning']})" if "warning" in gate else "pass"
+    return "**FAIL**: " + "; ".join(gate["failures"])
 
 
 def write_report(report: dict, deltas: dict, out: Path) -> None:

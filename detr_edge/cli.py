@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import signal
 import sys
+import threading
 
 from detr_edge.runtime.errors import UserError
 from detr_edge import train_cli
@@ -53,6 +56,8 @@ def _register(sub) -> None:
     p.add_argument("--iou", type=float, default=0.5, help="IoU for two detections to agree (default 0.5)")
     p.add_argument("--limit", type=int, help="check only the first N images")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--allow-empty", action="store_true", help="a reference without a detection at --conf passes on "
+                                                              "the other criteria (default: inconclusive, exit 1)")
     p.add_argument("--out", default="check-out", help="folder for report.json, report.md, deltas.png")
     p.set_defaults(func=_check)
 
@@ -73,7 +78,9 @@ def _register(sub) -> None:
     p.add_argument("--val-limit", type=int, help="use only the first N held-out images")
     p.add_argument("--auto", action="store_true", help="sensitivity search: keep the most AP-costly node "
                                                        "groups float until the AP drop is within --max-ap-drop")
-    p.add_argument("--max-ap-drop", type=float, default=1.0, help="AP points (default 1.0)")
+    p.add_argument("--max-ap-drop", type=float, default=1.0,
+                   help="the target, in AP points against FP32 (default 1.0): with --val-data, a file that misses "
+                        "it exits 1; with --auto, the search's goal")
     p.add_argument("--quantize-attention", action="store_true",
                    help="TensorRT flavour: also quantize the MatMuls between two activations (Q.K^T, softmax.V)")
     p.add_argument("--trt-version", help="also write <name>.calib.cache for trtexec --int8 --calib on this exact "
@@ -111,6 +118,8 @@ def _register(sub) -> None:
     p.add_argument("--save", help="annotated video file (.mp4)")
     p.add_argument("--jsonl", help="detections per frame as JSON lines")
     p.add_argument("--max-frames", type=int, help="stop after N frames")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds a stream (rtsp://, http://) may take to open or to send a frame (default 10)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("bench", help="(runtime) latency and throughput of a model alone, and of the full "
@@ -196,7 +205,7 @@ def _export(args) -> None:
 def _calibrate(args) -> None:
     from detr_edge.calibration.quantize import DEFAULT_EXCLUDE, QuantOptions
 
-    from .calibrate import calibrate, markdown
+    from .calibrate import calibrate, markdown, misses
 
     flavours = _split(args.flavour)
     if not flavours or set(flavours) - {"trt", "cpu"}:
@@ -206,6 +215,9 @@ def _calibrate(args) -> None:
     report = calibrate(args.model, args.data, flavours, args.samples, args.every, options, args.val_data,
                        args.auto, args.max_ap_drop, args.trt_version, args.val_limit)
     print(markdown(report))
+    missed = misses(report)
+    if missed:
+        raise GateFailed("INT8 " + "; ".join(missed) + " (--auto keeps the costliest parts float until it is met)")
 
 
 def _build(args) -> None:
@@ -249,13 +261,13 @@ def _installed_tensorrt() -> str:
 def _run(args) -> None:
     from detr_edge.runtime.run import run
     stats = run(args.model, args.source, args.backend, args.conf, args.classes, args.show, args.save, args.jsonl,
-                args.max_frames)
+                args.max_frames, timeout=args.timeout)
     print(stats.format())
     for path in (args.save, args.jsonl):
-        if path:
+        if path and os.path.isfile(path):
             print(f"wrote {path}")
     if stats.interrupted:
-        raise KeyboardInterrupt
+        raise Stopped(stats.interrupted)
 
 
 def _bench(args) -> None:
@@ -284,16 +296,40 @@ def _check(args) -> None:
         raise UserError("check needs one reference: a checkpoint, .onnx or .engine, positional or --reference")
     report = check(args.reference or args.reference_option, args.against, args.data, split=args.split, conf=args.conf,
                    iou=args.iou, batch_size=args.batch_size, limit=args.limit, contiguous=args.contiguous_ids,
-                   out=args.out)
+                   out=args.out, allow_empty=args.allow_empty)
     print(markdown(report))
     print(f"report: {args.out}/report.md, report.json, deltas.png")
     if not report["passed"]:
-        failed = [m["file"] for m in report["models"] if not m["gate"]["passed"]]
-        raise GateFailed(f"accuracy gate failed for {', '.join(failed)}")
+        failed = [f"{m['file']} ({m['gate']['verdict']}" + (f": {m['gate']['warning']}; --allow-empty accepts it)"
+                                                            if m["gate"]["verdict"] == "inconclusive" else ")")
+                  for m in report["models"] if not m["gate"]["passed"]]
+        raise GateFailed(f"accuracy gate not passed: {', '.join(failed)}")
 
 
 class GateFailed(Exception):
     """A check that ran and failed: exit code 1 (bad input is 2)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """Stopped by a signal: exit 128 + its number, as a shell reports it (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, number: int = signal.SIGINT):
+        super().__init__(number)
+        self.number = number
+
+
+def _on_sigterm(number, frame):
+    raise Stopped(number)
+
+
+def _quiet_opencv() -> None:
+    """OpenCV's own log lines (a missing camera prints a dozen) say less than our one line;
+    OPENCV_LOG_LEVEL set by the user still wins."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    log = getattr(getattr(sys.modules.get("cv2"), "utils", None), "logging", None)
+    if log is not None:  # cv2 already imported (the Python API, tests): it read the level at import
+        log.setLogLevel(getattr(log, "LOG_LEVEL_" + os.environ["OPENCV_LOG_LEVEL"].upper(), log.LOG_LEVEL_SILENT))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="detr-edge: %(message)s")
+    _quiet_opencv()
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # systemd, docker stop
     try:
         args.func(args)
     except UserError as exc:
@@ -323,9 +362,13 @@ def main(argv=None) -> int:
         print(f"detr-edge: error: '{args.command}' needs {root}: pip install 'detr-edge[{_EXTRAS[root]}]'",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("detr-edge: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "number", signal.SIGINT)
+        print(f"detr-edge: stopped by {signal.Signals(number).name}", file=sys.stderr)
+        return 128 + number
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -146,8 +146,9 @@ def _deploy(checkpoint: Path, out: Path, steps: Steps, loaded: Loaded, imgsz, pr
     engines = _engines(steps, artifacts, precisions)
     files = list(artifacts.values()) + list(engines.values())
 
-    def do_check():
-        return check(loaded.get(checkpoint), [loaded.get(f) for f in files], val_data, out=out / "check")
+    def do_check():  # a model detecting nothing at 0.5 is judged on AP and tensors: the report says so
+        return check(loaded.get(checkpoint), [loaded.get(f) for f in files], val_data, out=out / "check",
+                     allow_empty=True)
     report = steps.run("check", [checkpoint, val_data, *files], {"tolerances": TOLERANCES}, [out / "check" / "report.json"],
                        do_check)
     failed = {m["file"] for m in report["models"] if not m["gate"]["passed"]}

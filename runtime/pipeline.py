@@ -9,6 +9,7 @@ always takes the newest one and latency stays bounded; drops are counted.
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class FrameResult:
 class Stats:
     frames: int = 0
     dropped: int = 0
-    interrupted: bool = False
+    interrupted: int = 0  # the signal (SIGINT, SIGTERM) that stopped the run early, if one did
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
     stages: dict = field(default_factory=lambda: {"capture": [], "preprocess": [], "infer": [],
@@ -59,7 +60,7 @@ class Stats:
     def format(self) -> str:
         s = self.summary()
         lines = [f"{s['frames']} frames, {s['dropped']} dropped, {s['fps']:.1f} FPS end to end"
-                 + (" (interrupted)" if self.interrupted else "")]
+                 + (f" (stopped by {signal.Signals(self.interrupted).name})" if self.interrupted else "")]
         lines += [f"  {k:12s} p50 {v['p50']:8.2f} ms  p90 {v['p90']:8.2f}  p99 {v['p99']:8.2f}"
                   for k, v in s["ms"].items()]
         return "\n".join(lines)
@@ -70,9 +71,9 @@ class Stream:
     Closing (or leaving a `with` block) stops the threads and the source."""
 
     def __init__(self, backend, source, conf: float = 0.5, classes: set[int] | None = None,
-                 max_frames: int | None = None, queue_size: int = 4):
+                 max_frames: int | None = None, queue_size: int = 4, timeout: float = 10.0):
         self.backend, self.conf, self.classes, self.max_frames = backend, conf, classes, max_frames
-        self.source = open_source(source)
+        self.source = open_source(source, timeout)
         self.stats = Stats()
         self._frames = queue.Queue(maxsize=1 if self.source.live else queue_size)
         self._results = queue.Queue(maxsize=queue_size)
@@ -92,6 +93,8 @@ class Stream:
             self._put(self._results, _END, force=True)
 
     def _put(self, target: queue.Queue, item, force: bool = False) -> bool:
+        """Put `item`, waiting while the queue is full; False if the stream stops first.
+        `force` (an error, the consumer gone): evict the oldest item instead of waiting."""
         while not self._stop.is_set() or force:
             try:
                 target.put(item, timeout=0.1)
@@ -128,8 +131,8 @@ class Stream:
                         self._frames.put_nowait(packet)
                 elif not self._put(self._frames, packet):
                     break
-        finally:
-            self._put(self._frames, _END, force=True)
+        finally:  # the end waits its turn behind the frames: never displaces one
+            self._put(self._frames, _END)
 
     def _infer(self) -> None:
         spec = self.backend.spec
@@ -141,7 +144,7 @@ class Stream:
                     return
                 continue
             if packet is _END:
-                self._put(self._results, _END, force=True)
+                self._put(self._results, _END)
                 return
             index, timestamp, frame, captured = packet
             t0 = time.monotonic()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import UserError
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -19,6 +21,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def cxcywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     cx, cy, w, h = np.moveaxis(boxes, -1, 0)
     return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+
+def check_conf(conf: float) -> float:
+    """A score threshold in (0, 1]: at 0 every query is a detection, above 1 none is."""
+    if not 0 < conf <= 1:
+        raise UserError(f"--conf {conf:g}: a score threshold in (0, 1]")
+    return conf
 
 
 def postprocess(logits: np.ndarray, boxes: np.ndarray, sizes: np.ndarray,

@@ -2,7 +2,10 @@
 (numpy, OpenCV and the backend only; never torch)."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -10,6 +13,7 @@ import numpy as np
 from .backends import load_backend
 from .errors import UserError
 from .pipeline import Stream
+from .postprocess import check_conf
 from .preprocess import preprocess
 from .sinks import JsonlSink, VideoSink, WindowSink, annotate
 
@@ -30,41 +34,82 @@ def class_filter(text: str | None, classes: list[str]) -> set[int] | None:
 
 
 def run(model, source, backend: str = "auto", conf: float = 0.5, classes: str | None = None, show: bool = False,
-        save: str | None = None, jsonl: str | None = None, max_frames: int | None = None, quiet: bool = False):
-    with load_backend(model, backend) as engine:
-        return _run(engine, source, conf, classes, show, save, jsonl, max_frames, quiet)
+        save: str | None = None, jsonl: str | None = None, max_frames: int | None = None, quiet: bool = False,
+        timeout: float = 10.0):
+    """`model`: a file, or a Backend already loaded (left open)."""
+    with contextlib.nullcontext(model) if hasattr(model, "infer") else load_backend(model, backend) as engine:
+        return _run(engine, source, conf, classes, show, save, jsonl, max_frames, quiet, timeout)
 
 
-def _run(engine, source, conf, classes, show, save, jsonl, max_frames, quiet):
-    stream = Stream(engine, source, conf, class_filter(classes, engine.classes), max_frames)
+class _Stop:
+    """SIGINT (Ctrl-C) and SIGTERM (docker stop, systemd, timeout) end a run as the end of
+    its source does: raised as KeyboardInterrupt, but held back while one frame's outputs
+    are written, so the JSONL and the video always hold the same frames. Main thread only
+    (Python runs signal handlers there); elsewhere the handlers stay as they were."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal, self.holding, self.previous = 0, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame):
+        self.signal = number
+        if not self.holding:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.signal:
+            raise KeyboardInterrupt
+
+
+def _run(engine, source, conf, classes, show, save, jsonl, max_frames, quiet, timeout):
+    stream = Stream(engine, source, check_conf(conf), class_filter(classes, engine.classes), max_frames,
+                    timeout=timeout)
     sinks = []
     ok = False
-    try:
-        video = VideoSink(save, stream.source.fps) if save else None
-        records = JsonlSink(jsonl, engine.classes) if jsonl else None
-        window = WindowSink(f"detr-edge: {stream.source.name}") if show else None
-        sinks = [s for s in (video, records, window) if s is not None]
-        for result in stream:
-            start = time.monotonic()
-            if records:
-                records.write(result)
-            if video or window:
-                image = annotate(result, engine.classes, stream.stats.fps)
-                if video:
-                    video.write(image)
+    with _Stop() as stop:
+        try:
+            video = VideoSink(save, stream.source.fps) if save else None
+            records = JsonlSink(jsonl, engine.classes) if jsonl else None
+            window = WindowSink(f"detr-edge: {stream.source.name}") if show else None
+            sinks = [s for s in (video, records, window) if s is not None]
+            for result in stream:
+                start = time.monotonic()
+                image = annotate(result, engine.classes, stream.stats.fps) if video or window else None
+                with stop.held():
+                    if records:
+                        records.write(result)
+                    if video:
+                        video.write(image)
                 if window and not window.write(image):
                     break
-            stream.stats.add("sink", time.monotonic() - start)
-            if not quiet and result.index % 100 == 0:
-                print(f"frame {result.index}: {len(result.detections['scores'])} detections, "
-                      f"{stream.stats.fps:.1f} FPS", flush=True)
-        ok = True
-    except KeyboardInterrupt:  # Ctrl-C: stop, and keep what was written, properly closed
-        ok = stream.stats.interrupted = True
-    finally:
-        stream.close()
-        for sink in sinks:
-            sink.close(ok)
+                stream.stats.add("sink", time.monotonic() - start)
+                if not quiet and result.index % 100 == 0:
+                    print(f"frame {result.index}: {len(result.detections['scores'])} detections, "
+                          f"{stream.stats.fps:.1f} FPS", flush=True)
+            ok = True
+        except KeyboardInterrupt:  # stopped: keep what was written, properly closed
+            ok, stream.stats.interrupted = True, stop.signal or signal.SIGINT
+        finally:
+            stop.holding = True  # a second signal waits until the files are closed whole
+            stream.close()
+            for sink in sinks:
+                sink.close(ok)
     return stream.stats
 
 

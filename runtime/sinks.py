@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from .draw import draw_detections
 from .errors import UserError
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 class _AtomicFile:
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: a folder, not a file name")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp{self.path.suffix}")
 
@@ -31,17 +34,33 @@ class _AtomicFile:
             self.tmp.unlink()
 
 
+# the mp4v (MPEG-4 part 2) writer's frame sizes, measured with PyPI's OpenCV 5.0
+MIN_SIDE, MAX_SIDE = 2, 8191
+
+
 class VideoSink(_AtomicFile):
+    """An mp4 of every frame. The first frame sets the video's size (rounded down to even
+    sides, as 4:2:0 video needs); a frame of another size (a folder of mixed photos) is
+    letterboxed into it, centred, so none is dropped: a video has one frame size, and
+    OpenCV's writer silently skips frames that do not match it."""
+
     def __init__(self, path, fps: float):
         super().__init__(path)
-        self.fps, self.writer = fps or 25.0, None
+        self.fps, self.writer, self.size = fps or 25.0, None, None
 
     def write(self, image) -> None:
         if self.writer is None:
             height, width = image.shape[:2]
+            if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+                raise UserError(f"{self.path}: the mp4v video writer takes frames of {MIN_SIDE} x {MIN_SIDE} to "
+                                f"{MAX_SIDE} x {MAX_SIDE} pixels; the first frame is {width} x {height} "
+                                f"(too {'small' if min(width, height) < MIN_SIDE else 'large'})")
+            self.size = height, width = height - height % 2, width - width % 2  # 4:2:0 video: even sides
             self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
             if not self.writer.isOpened():
-                raise UserError(f"{self.path}: OpenCV cannot write this video (mp4v codec)")
+                raise UserError(f"{self.path}: OpenCV cannot open an mp4v writer for {width} x {height} frames here")
+        if image.shape[:2] != self.size:
+            image = _letterbox(image, self.size)
         self.writer.write(image)
 
     def close(self, ok: bool = True) -> None:
@@ -88,6 +107,21 @@ class WindowSink:
     def close(self, ok: bool = True) -> None:
         if self.enabled:
             cv2.destroyWindow(self.title)
+
+
+def _letterbox(image: np.ndarray, size) -> np.ndarray:
+    """`image` scaled to fit `size` (H, W), aspect kept, centred on black; a frame one pixel
+    over (the first frame's odd side) loses its last row or column instead."""
+    height, width = size
+    if 0 <= image.shape[0] - height <= 1 and 0 <= image.shape[1] - width <= 1:
+        return image[:height, :width]
+    scale = min(width / image.shape[1], height / image.shape[0])
+    resized = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                         interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((height, width, 3), np.uint8)
+    top, left = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
+    canvas[top:top + resized.shape[0], left:left + resized.shape[1]] = resized
+    return canvas
 
 
 def annotate(result, classes: list[str], fps: float) -> "cv2.Mat":

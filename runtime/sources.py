@@ -36,13 +36,20 @@ class Source:
 
 
 class VideoSource(Source):
-    def __init__(self, target, live: bool, api=cv2.CAP_ANY, reconnect_s: float = 30.0):
-        self.target, self.live, self.api, self.reconnect_s = target, live, api, reconnect_s
+    """`timeout` (seconds): how long opening a stream or waiting for its next frame may take."""
+
+    def __init__(self, target, live: bool, api=cv2.CAP_ANY, reconnect_s: float = 30.0, timeout: float = 10.0):
+        self.target, self.live, self.api, self.reconnect_s, self.timeout = target, live, api, reconnect_s, timeout
         self.name = str(target)
+        start = time.monotonic()
         self.capture = self._open()
         if not self.capture.isOpened():
-            raise UserError(f"{self.name}: cannot open it as a video source" +
-                            (" (no camera with this index?)" if isinstance(target, int) else ""))
+            if isinstance(target, int):
+                raise UserError(f"camera {target} not found (no /dev/video{target} that OpenCV can open)")
+            if live and time.monotonic() - start >= 0.9 * timeout:
+                raise UserError(f"{self.name}: timed out after {timeout:g} s without a video (--timeout sets the "
+                                "wait)")
+            raise UserError(f"{self.name}: cannot open it as a video source")
         self.fps = self.capture.get(cv2.CAP_PROP_FPS) or 0.0
         self.index = 0
         if not live:  # a file that opens but holds no decodable frame is not a video
@@ -52,6 +59,10 @@ class VideoSource(Source):
                 raise UserError(f"{self.name}: not a readable video (no frame could be decoded)")
 
     def _open(self):
+        if isinstance(self.target, str) and "://" in self.target:  # a stream: bounded waits, not FFmpeg's 30 s
+            ms = int(self.timeout * 1000)
+            return cv2.VideoCapture(self.target, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms,
+                                                                  cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
         return cv2.VideoCapture(self.target, self.api)
 
     def read(self):
@@ -90,7 +101,7 @@ class FolderSource(Source):
         self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise UserError(f"{folder}: no images in this folder")
-        self.name, self.index = str(folder), 0
+        self.name, self.index, self.read_any = str(folder), 0, False
 
     def read(self):
         while self.index < len(self.paths):
@@ -98,8 +109,13 @@ class FolderSource(Source):
             self.index += 1
             frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if frame is not None:
+                self.read_any = True
                 return frame, float(self.index - 1)
             log.warning("%s: not a readable image, skipped", path)
+        if not self.read_any:
+            count = len(self.paths)
+            raise UserError(f"{self.name}: no readable image ({'none of its' if count > 1 else 'not its'} "
+                            f"{count} image file{'s' if count > 1 else ''})")
         return None
 
 
@@ -109,10 +125,13 @@ def has_gstreamer() -> bool:
     return "YES" in line
 
 
-def open_source(spec) -> Source:
-    """'video.mp4', '0' (camera), 'rtsp://...', 'nvarguscamerasrc ! ... ! appsink', 'frames/'."""
+def open_source(spec, timeout: float = 10.0) -> Source:
+    """'video.mp4', '0' (camera), 'rtsp://...', 'nvarguscamerasrc ! ... ! appsink', 'frames/'.
+    `timeout`: seconds a stream may take to open or to send its next frame."""
     if isinstance(spec, Source):
         return spec
+    if not timeout > 0:
+        raise UserError(f"--timeout {timeout:g}: seconds, more than 0")
     text = str(spec)
     if text.isdigit():
         return VideoSource(int(text), live=True, reconnect_s=5.0)
@@ -122,7 +141,7 @@ def open_source(spec) -> Source:
                             "OpenCV (python3-opencv) in a venv made with --system-site-packages")
         return VideoSource(text, live=True, api=cv2.CAP_GSTREAMER)
     if "://" in text:
-        return VideoSource(text, live=True)
+        return VideoSource(text, live=True, timeout=timeout)
     path = Path(text)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")

@@ -41,8 +41,9 @@ def work(tmp_path_factory):
 def calibrated(work):
     """Calibrated with unannotated --val-data: AP against the FP32 file's own detections (a
     random model scores 0 on the real annotations, which would make every AP bound hold)."""
+    # a random model's INT8 misses the 1-point target against its own detections: exit 1
     assert main(["calibrate", str(work / "m.onnx"), "--data", str(work / "data" / "train"), "--samples", "8",
-                 "--val-data", str(work / "data" / "val"), "--trt-version", "8.6.1"]) == 0
+                 "--val-data", str(work / "data" / "val"), "--trt-version", "8.6.1"]) == 1
     return work
 
 
@@ -232,6 +233,21 @@ def test_cpu_flavour_products_cannot_saturate_avx2_int16_pairs(calibrated, tmp_p
                  "--flavour", "cpu", "--vnni"]) == 0
     assert _largest_int8_weight(tmp_path / "m.int8-cpu.onnx") == 127
     assert read_onnx_metadata(onnx.load(str(tmp_path / "m.int8-cpu.onnx")), "m")["export"]["int8"]["weight_bits"] == 8
+
+
+def test_a_file_that_misses_the_target_is_named_and_exits_1(calibrated, tmp_path):
+    report = json.loads((calibrated / "m.int8.report.json").read_text())
+    drops = {key: report["ap"]["fp32"] - ap for key, ap in report["ap"].items() if key != "fp32"}
+    assert max(drops.values()) > 1.0  # the fixture's exit 1 was earned
+    text = (calibrated / "m.int8.report.md").read_text()
+    assert "**missed**" in text and f"m.int8-cpu.onnx: AP {report['ap']['int8 cpu']:.2f}" in text
+    model = tmp_path / "m.onnx"  # its own folder: the fixture's files stay as they are
+    model.write_bytes((calibrated / "m.onnx").read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "detr_edge", "calibrate", str(model), "--data",
+                           str(calibrated / "data" / "train"), "--samples", "8", "--flavour", "cpu", "--val-data",
+                           str(calibrated / "data" / "val"), "--max-ap-drop", "100"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "met by every file" in proc.stdout  # --max-ap-drop sets the target
 
 
 def test_report_lists_each_file_with_its_size_exclusions_and_ap(calibrated):

@@ -216,6 +216,26 @@ def test_check_passes_the_export_and_fails_a_perturbed_weight(checkpoint, dynami
     assert not report["passed"] and report["models"][0]["gate"]["failures"][0].startswith("logits max abs error")
 
 
+def test_fp16_has_a_tensor_criterion_that_catches_what_detections_miss(checkpoint, dynamic_onnx, tmp_path,
+                                                                         coco_photos):
+    """A box-head bias nudged in the FP16 file: every box a little wider (mean IoU 0.92), too
+    little for detection agreement or AP to notice on 8 photos; the FP16 tensor limit fails it
+    alone."""
+    fp16 = dynamic_onnx.with_suffix(".fp16.onnx")
+    graph = onnx.load(str(fp16))
+    bias = next(i for i in graph.graph.initializer if i.name == "model.bbox_embed.layers.2.bias")
+    array = numpy_helper.to_array(bias).copy()
+    array[2] += 0.15  # the width, before the sigmoid
+    bias.CopyFrom(numpy_helper.from_array(array, bias.name))
+    nudged = tmp_path / "nudged.fp16.onnx"
+    onnx.save(graph, str(nudged))
+    out = tmp_path / "report"
+    assert main(["check", str(checkpoint), "--data", str(coco_photos[0].parent.parent), "--limit", "8",
+                 "--out", str(out), "--against", str(nudged)]) == 1
+    gate = json.loads((out / "report.json").read_text())["models"][0]["gate"]
+    assert len(gate["failures"]) == 1 and gate["failures"][0].startswith("boxes mean abs error"), gate
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.pth"], "missing.pth"),
     (["{ckpt}", "--target", "trt8.5", "--opset", "17"], "opset 17 is not supported for target trt8.5"),
