@@ -119,7 +119,7 @@ def markdown(report: dict) -> str:
                     f"{base_ms / ms:.2f}x |")
     if report["ap"]:
         missed = misses(report)
-        rows += ["", f"Target: an AP drop of at most {report['max_ap_drop']:g} points against FP32: "
+        rows += ["", f"Target: AP within {report['max_ap_drop']:g} of FP32 (--max-ap-drop): "
                  + ("met by every file." if not missed else "**missed**: " + "; ".join(missed) + ".")]
     for flavour, result in report.get("search", {}).items():
         rows += ["", f"Sensitivity search ({flavour}): target AP drop <= {result['max_drop']}; "

@@ -262,8 +262,8 @@ def test_ema_saves_the_average_and_a_resume_continues_it_exactly(shapes, tmp_pat
     assert proc.returncode == 2 and err.strip() == (
         f"detr-edge: error: --ema 0.5 contradicts the run {split / 'last.pth'} continues (0.9): leave it out to "
         "keep the run's")
-    # nothing but what may change: size, batch, rates, heads, --ema and seed come from the checkpoint
-    assert main(["train", "--data", str(shapes), "--out", str(split), "--resume", str(split / "last.pth"),
+    # nothing but what may change: size, batch, rates, heads, --ema, seed and the folder come from the checkpoint
+    assert main(["train", "--data", str(shapes), "--resume", str(split / "last.pth"),
                  "--workers", "0", "--eval-every", "1", "--save-every", "0", "--epochs", "2"]) == 0
     a, b = (torch.load(run / "last.pth", weights_only=True) for run in (straight, split))
     assert a["ema_updates"] == b["ema_updates"] == 12
