@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,export,calibration,dev]"
 	touch $(STAMP)
 
+# install-test-deps.sh: Debian's GStreamer RTSP server, the live camera of the reconnection tests
 test: $(STAMP)
+	bash scripts/install-test-deps.sh
 	$(PY) -m pytest -q tests
 
 # the GPU suite (tests/gpu): needs an NVIDIA GPU. The tensorrt extra brings TensorRT,

@@ -110,16 +110,24 @@ def _register(sub) -> None:
 
     p = sub.add_parser("run", help="(runtime) real-time detection on a video, camera, stream or image folder")
     p.add_argument("model", help=".onnx or .engine (its metadata gives input size, classes, preprocessing)")
-    p.add_argument("source", help="video file, camera index (0), rtsp:// or http:// URL, GStreamer pipeline, folder")
+    p.add_argument("source", nargs="*", help="one or more: video file, camera index (0), rtsp:// or http:// URL, "
+                                             "GStreamer pipeline, image folder; several are batched into one model")
+    p.add_argument("--sources", help="a text file of sources, one a line (# comments), after those given")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
     p.add_argument("--conf", type=float, default=0.5, help="score threshold (default 0.5)")
     p.add_argument("--classes", help="keep only these classes (names or ids, comma list)")
     p.add_argument("--show", action="store_true", help="show frames in a window (q or Esc quits)")
-    p.add_argument("--save", help="annotated video file (.mp4)")
-    p.add_argument("--jsonl", help="detections per frame as JSON lines")
-    p.add_argument("--max-frames", type=int, help="stop after N frames")
+    p.add_argument("--save", help="annotated video file (.mp4); with several sources a folder, one video each")
+    p.add_argument("--jsonl", help="detections per frame as JSON lines, each with its source")
+    p.add_argument("--max-frames", type=int, help="stop after N frames of each source")
+    p.add_argument("--batch", type=int, help="frames per inference call (default: the model's fixed batch, else one "
+                                             "per source)")
+    p.add_argument("--track", action="store_true", help="persistent ids per source (ByteTrack; the track extra)")
+    p.add_argument("--strict", action="store_true", help="refuse to start unless every source opens")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds a stream (rtsp://, http://) may take to open or to send a frame (default 10)")
+    p.add_argument("--reconnect", type=float, help="seconds a dropped live source is retried before it ends (default "
+                                                   "30 for streams, 5 for cameras; inf: for ever)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("bench", help="(runtime) latency and throughput of a model alone, and of the full "
@@ -260,14 +268,33 @@ def _installed_tensorrt() -> str:
 
 def _run(args) -> None:
     from detr_edge.runtime.run import run
-    stats = run(args.model, args.source, args.backend, args.conf, args.classes, args.show, args.save, args.jsonl,
-                args.max_frames, timeout=args.timeout)
+    sources = args.source + (_source_list(args.sources) if args.sources else [])
+    if not sources:
+        raise UserError("run needs a source: a video, camera index, URL, pipeline or folder (or --sources FILE)")
+    stats = run(args.model, sources if len(sources) > 1 else sources[0], args.backend, args.conf, args.classes,
+                args.show, args.save, args.jsonl, args.max_frames, timeout=args.timeout, batch=args.batch,
+                strict=args.strict, track=args.track, reconnect=args.reconnect)
     print(stats.format())
     for path in (args.save, args.jsonl):
-        if path and os.path.isfile(path):
+        if path and os.path.exists(path):
             print(f"wrote {path}")
     if stats.interrupted:
         raise Stopped(stats.interrupted)
+    if stats.failed:  # the others ran to their end; say which did not, and exit 1
+        raise GateFailed(f"{len(stats.failed)} of {len(stats.sources)} sources failed: "
+                         + "; ".join(s.error for s in stats.failed))
+
+
+def _source_list(path: str) -> list:
+    """--sources FILE: one source a line; blank lines and # comments skipped."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as exc:
+        raise UserError(f"--sources {path}: {exc.strerror}") from None
+    sources = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not sources:
+        raise UserError(f"--sources {path}: no source in it")
+    return sources
 
 
 def _bench(args) -> None:
@@ -307,7 +334,8 @@ def _check(args) -> None:
 
 
 class GateFailed(Exception):
-    """A check that ran and failed: exit code 1 (bad input is 2)."""
+    """A command that ran and failed (a gate not passed, sources that failed while the
+    others ran): exit code 1 (bad input is 2)."""
 
 
 class Stopped(KeyboardInterrupt):

@@ -14,15 +14,16 @@ def class_color(label: int) -> tuple[int, int, int]:
 
 
 def draw_detections(frame: np.ndarray, detections: dict, classes: list[str]) -> np.ndarray:
-    """Return a copy of `frame` with boxes, class names and scores drawn."""
+    """Return a copy of `frame` with boxes, class names and scores drawn (and track ids)."""
     out = frame.copy()
     thickness = max(1, round(min(out.shape[:2]) / 300))
-    for score, label, box in zip(detections["scores"], detections["labels"], detections["boxes"]):
+    ids = detections.get("ids")
+    for i, (score, label, box) in enumerate(zip(detections["scores"], detections["labels"], detections["boxes"])):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         color = class_color(int(label))
         cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness)
         name = classes[label] if 0 <= label < len(classes) else str(label)
-        text = f"{name} {score:.2f}"
+        text = (f"#{ids[i]} " if ids is not None else "") + f"{name} {score:.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
         ty = max(y1, th + base)
         cv2.rectangle(out, (x1, ty - th - base), (x1 + tw, ty), color, cv2.FILLED)

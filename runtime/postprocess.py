@@ -72,7 +72,11 @@ def postprocess_detections(scores: np.ndarray, labels: np.ndarray, boxes: np.nda
 
 
 def detections_to_json(detections: dict, classes: list[str]) -> list[dict]:
-    """Per-detection JSON records (label id, class name, score, xyxy box in pixels)."""
-    return [{"label": int(label), "name": classes[label] if 0 <= label < len(classes) else str(label),
+    """Per-detection JSON records (label id, class name, score, xyxy box in pixels; the
+    track id when tracked)."""
+    ids = detections.get("ids")
+    return [{**({"id": int(ids[i])} if ids is not None else {}), "label": int(label),
+             "name": classes[label] if 0 <= label < len(classes) else str(label),
              "score": round(float(score), 6), "box": [round(float(v), 2) for v in box]}
-            for score, label, box in zip(detections["scores"], detections["labels"], detections["boxes"])]
+            for i, (score, label, box) in enumerate(zip(detections["scores"], detections["labels"],
+                                                        detections["boxes"]))]

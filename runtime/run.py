@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,12 +35,36 @@ def class_filter(text: str | None, classes: list[str]) -> set[int] | None:
     return wanted
 
 
-def run(model, source, backend: str = "auto", conf: float = 0.5, classes: str | None = None, show: bool = False,
+def run(model, sources, backend: str = "auto", conf: float = 0.5, classes: str | None = None, show: bool = False,
         save: str | None = None, jsonl: str | None = None, max_frames: int | None = None, quiet: bool = False,
-        timeout: float = 10.0):
-    """`model`: a file, or a Backend already loaded (left open)."""
+        timeout: float = 10.0, batch: int | None = None, strict: bool = False, track: bool = False,
+        reconnect: float | None = None):
+    """`model`: a file, or a Backend already loaded (left open). `sources`: one, or a list
+    (then `save` is a folder that gets one video per source)."""
+    count = len(sources) if isinstance(sources, (list, tuple)) else 1
+    if save and count > 1 and Path(save).suffix:
+        raise UserError(f"--save {save}: with {count} sources, a folder (one video per source), not a file")
     with contextlib.nullcontext(model) if hasattr(model, "infer") else load_backend(model, backend) as engine:
-        return _run(engine, source, conf, classes, show, save, jsonl, max_frames, quiet, timeout)
+        stream = Stream(engine, sources, check_conf(conf), class_filter(classes, engine.classes), max_frames,
+                        timeout=timeout, batch=batch, strict=strict, track=track, reconnect=reconnect)
+        return _run(engine, stream, show, save, jsonl, quiet)
+
+
+def video_names(names: list[str]) -> list[str]:
+    """File names of the per-source videos in `--save FOLDER`: position, then what the
+    source is ('0-shop.mp4', '1-camera0.mp4', '2-10.0.0.5_live.mp4')."""
+    slugs = []
+    for name in names:
+        if name.isdigit():
+            slug = f"camera{name}"
+        elif "://" in name:
+            slug = name.split("://", 1)[1]
+        elif "!" in name:
+            slug = "pipeline"
+        else:
+            slug = Path(name.rstrip("/\\")).stem
+        slugs.append(re.sub(r"[^A-Za-z0-9.-]+", "_", slug).strip("._") or "source")
+    return [f"{i}-{slug}.mp4" for i, slug in enumerate(slugs)]
 
 
 class _Stop:
@@ -77,30 +103,35 @@ class _Stop:
             raise KeyboardInterrupt
 
 
-def _run(engine, source, conf, classes, show, save, jsonl, max_frames, quiet, timeout):
-    stream = Stream(engine, source, check_conf(conf), class_filter(classes, engine.classes), max_frames,
-                    timeout=timeout)
-    sinks = []
-    ok = False
+def _run(engine, stream: Stream, show, save, jsonl, quiet):
+    count = len(stream.stats.sources)
+    names = ([Path(save, name) for name in video_names([s.name for s in stream.stats.sources])] if save and count > 1
+             else [save])
+    running = sum(source is not None for source in stream.sources)
+    sinks, ok = [], False
     with _Stop() as stop:
         try:
-            video = VideoSink(save, stream.source.fps) if save else None
+            videos = {k: VideoSink(names[k], source.fps) for k, source in enumerate(stream.sources)
+                      if source is not None} if save else {}  # no file until a frame comes
             records = JsonlSink(jsonl, engine.classes) if jsonl else None
-            window = WindowSink(f"detr-edge: {stream.source.name}") if show else None
-            sinks = [s for s in (video, records, window) if s is not None]
+            windows = {k: WindowSink(f"detr-edge: {source.name}") for k, source in enumerate(stream.sources)
+                       if source is not None} if show else {}
+            sinks = [s for s in (records, *videos.values(), *windows.values()) if s is not None]
             for result in stream:
                 start = time.monotonic()
-                image = annotate(result, engine.classes, stream.stats.fps) if video or window else None
+                k = result.stream
+                image = annotate(result, engine.classes, stream.stats.fps / running) if save or show else None
                 with stop.held():
                     if records:
                         records.write(result)
-                    if video:
-                        video.write(image)
-                if window and not window.write(image):
+                    if save:
+                        videos[k].write(image)
+                if show and not windows[k].write(image):
                     break
                 stream.stats.add("sink", time.monotonic() - start)
                 if not quiet and result.index % 100 == 0:
-                    print(f"frame {result.index}: {len(result.detections['scores'])} detections, "
+                    where = f"{result.source} frame" if count > 1 else "frame"
+                    print(f"{where} {result.index}: {len(result.detections['scores'])} detections, "
                           f"{stream.stats.fps:.1f} FPS", flush=True)
             ok = True
         except KeyboardInterrupt:  # stopped: keep what was written, properly closed

@@ -75,7 +75,8 @@ class JsonlSink(_AtomicFile):
         self.classes, self.file = classes, open(self.tmp, "w")
 
     def write(self, result) -> None:
-        record = {"frame": result.index, "timestamp": round(result.timestamp, 4),
+        record = {"source": result.source, "stream": result.stream, "frame": result.index,
+                  "timestamp": round(result.timestamp, 4), **({"gap_s": round(result.gap_s, 3)} if result.gap_s else {}),
                   "detections": detections_to_json(result.detections, self.classes)}
         self.file.write(json.dumps(record) + "\n")
 

@@ -1,9 +1,11 @@
 """Frame sources through OpenCV: a video file, a camera index, an RTSP/HTTP URL, a
 GStreamer pipeline (Jetson CSI cameras), or an image folder.
 
-File sources (video files, folders) give every frame, in order. Live sources (cameras,
-streams, pipelines) are marked `live`: the pipeline keeps only the newest frame. A live
-source that stops delivering is reopened with back-off for a bounded time, then ends."""
+File sources (video files, folders) give every frame, in order, and never reconnect. Live
+sources (cameras, streams, pipelines) are marked `live`: the pipeline keeps only the
+newest frame. A live source that stops delivering is reopened with back-off (0.5 s
+doubling to 8 s between tries) for at most `reconnect` seconds, then ends; the gap it
+left is reported with the first frame after it."""
 from __future__ import annotations
 
 import logging
@@ -27,9 +29,16 @@ class Source:
     live = False
     fps = 0.0
     name = ""
+    _gap = 0.0
 
     def read(self):
         raise NotImplementedError
+
+    def take_gap(self) -> float:
+        """Seconds without frames before the frame just read, if the source had to be
+        reopened for it; 0.0 otherwise (asked once per frame)."""
+        gap, self._gap = self._gap, 0.0
+        return gap
 
     def close(self) -> None:
         pass
@@ -51,7 +60,7 @@ class VideoSource(Source):
                                 "wait)")
             raise UserError(f"{self.name}: cannot open it as a video source")
         self.fps = self.capture.get(cv2.CAP_PROP_FPS) or 0.0
-        self.index = 0
+        self.index, self.last = 0, time.monotonic()
         if not live:  # a file that opens but holds no decodable frame is not a video
             ok, self._first = self.capture.read()
             if not ok:
@@ -73,21 +82,25 @@ class VideoSource(Source):
             self.index += 1
             return frame, (self.index - 1) / self.fps if self.fps else time.monotonic()
         ok, frame = self.capture.read()
-        if ok:
-            return frame, time.monotonic()
-        return self._reconnect()
+        if not ok:
+            return self._reconnect()
+        self.last = time.monotonic()
+        return frame, self.last
 
     def _reconnect(self):
         """Back-off reopening of a dropped live source, for at most `reconnect_s` seconds."""
         deadline, wait = time.monotonic() + self.reconnect_s, 0.5
         while time.monotonic() < deadline:
             log.warning("%s: no frame; reconnecting in %.1f s", self.name, wait)
-            time.sleep(wait)
+            time.sleep(min(wait, max(deadline - time.monotonic(), 0.0)))
             self.capture.release()
             self.capture = self._open()
             ok, frame = self.capture.read() if self.capture.isOpened() else (False, None)
             if ok:
-                return frame, time.monotonic()
+                now = time.monotonic()
+                self._gap, self.last = now - self.last, now
+                log.warning("%s: back after %.1f s without frames", self.name, self._gap)
+                return frame, now
             wait = min(wait * 2, 8.0)
         log.warning("%s: gave up after %.0f s without frames", self.name, self.reconnect_s)
         return None
@@ -125,23 +138,28 @@ def has_gstreamer() -> bool:
     return "YES" in line
 
 
-def open_source(spec, timeout: float = 10.0) -> Source:
+def open_source(spec, timeout: float = 10.0, reconnect: float | None = None) -> Source:
     """'video.mp4', '0' (camera), 'rtsp://...', 'nvarguscamerasrc ! ... ! appsink', 'frames/'.
-    `timeout`: seconds a stream may take to open or to send its next frame."""
+    `timeout`: seconds a stream may take to open or to send its next frame. `reconnect`:
+    seconds a live source that dropped is retried (default 5 for a camera, 30 for a
+    stream or pipeline; `float('inf')`: for ever)."""
     if isinstance(spec, Source):
         return spec
     if not timeout > 0:
         raise UserError(f"--timeout {timeout:g}: seconds, more than 0")
+    if reconnect is not None and not reconnect >= 0:
+        raise UserError(f"--reconnect {reconnect:g}: seconds, 0 or more (inf: for ever)")
     text = str(spec)
     if text.isdigit():
-        return VideoSource(int(text), live=True, reconnect_s=5.0)
+        return VideoSource(int(text), live=True, reconnect_s=5.0 if reconnect is None else reconnect)
+    retry = 30.0 if reconnect is None else reconnect
     if "!" in text:
         if not has_gstreamer():
             raise UserError("this OpenCV has no GStreamer (PyPI's opencv-python); on Jetson use JetPack's "
                             "OpenCV (python3-opencv) in a venv made with --system-site-packages")
-        return VideoSource(text, live=True, api=cv2.CAP_GSTREAMER)
+        return VideoSource(text, live=True, api=cv2.CAP_GSTREAMER, reconnect_s=retry)
     if "://" in text:
-        return VideoSource(text, live=True, timeout=timeout)
+        return VideoSource(text, live=True, timeout=timeout, reconnect_s=retry)
     path = Path(text)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
