@@ -269,8 +269,8 @@ class Stream:
                 if self.classes is not None:
                     keep = np.isin(found["labels"], list(self.classes))
                     found = {k: v[keep] for k, v in found.items()}
-                if self.track:
-                    found = self._tracker(feed).update(found)
+                if self.track:  # a live source's time: the motion model steps over dropped frames
+                    found = self._tracker(feed).update(found, timestamp if feed.source.live else None)
                 results.append(FrameResult(index, timestamp, frame, found, 0.0, feed.stats.name, feed.number, gap))
             t3 = time.monotonic()
             self.stats.batches += 1

@@ -172,3 +172,21 @@ def test_a_live_rtsp_source_that_drops_comes_back(models, tmp_path):
     assert before >= 20 and after == 20
     assert len(gaps) == 1 and 1.5 <= gaps[0] < 30, gaps
     assert run.stats.sources[0].reconnects == 1 and not run.stats.sources[0].error
+
+
+def test_track_gives_each_source_its_own_ids(models, synthetic_video, tmp_path):
+    """--track through the pipeline: the ids a Tracker gives each source's detections on its
+    own, in the JSON lines and drawn on each source's video (tracking quality: test_tracking)."""
+    from detr_edge.runtime.track import Tracker
+    out, jsonl = tmp_path / "videos", tmp_path / "o.jsonl"
+    assert main(["run", str(models["dynamic"]), str(synthetic_video), str(synthetic_video), "--track",
+                 "--conf", "0.3", "--save", str(out), "--jsonl", str(jsonl)]) == 0
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    plain = list(stream(models["dynamic"], str(synthetic_video), conf=0.3))
+    tracker = Tracker(15)
+    expected = [tracker.update(r.detections)["ids"].tolist() for r in plain]
+    assert sum(map(len, expected)) > 50
+    for k in range(2):  # both sources: the same ids, each from its own tracker
+        mine = sorted((r for r in records if r["stream"] == k), key=lambda r: r["frame"])
+        assert [[d["id"] for d in r["detections"]] for r in mine] == expected
+    assert [_video_frames(v) for v in sorted(out.iterdir())] == [90, 90]

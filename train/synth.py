@@ -114,8 +114,12 @@ def write_split(out: Path, split: str, count: int, size: tuple[int, int], rng, m
     return path
 
 
-def write_video(path: Path, frames: int, size: tuple[int, int], rng, fps: int = 15) -> Path:
-    """Shapes moving across a fixed cluttered background, bouncing off the edges."""
+def write_video(path: Path, frames: int, size: tuple[int, int], rng, fps: int = 15,
+                tracks: Path | None = None) -> Path:
+    """Shapes moving across a fixed cluttered background, bouncing off the edges.
+
+    `tracks`: also write the true tracks there (`write_tracks`): the boxes draw_shape
+    returns, so the video's pixels and the rng's draws are the same with or without."""
     height, width = size
     base = background(rng, height, width)
     short = min(height, width)
@@ -125,22 +129,74 @@ def write_video(path: Path, frames: int, size: tuple[int, int], rng, fps: int = 
         movers.append({"kind": CLASSES[int(rng.integers(len(CLASSES)))], "r": r,
                        "pos": rng.uniform([r, r], [width - r, height - r]), "vel": rng.uniform(-4, 4, 2),
                        "color": tuple(int(c) for c in rng.integers(0, 256, 3))})
+    rows = []
     with atomic_path(path) as tmp:
         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
         if not writer.isOpened():
             raise UserError(f"{path}: OpenCV cannot write mp4 here")
-        for _ in range(frames):
+        for index in range(frames):
             frame = base.copy()
+            boxes = []
             for m in movers:
                 m["pos"] += m["vel"]
                 for axis, limit in ((0, width), (1, height)):
                     if not m["r"] <= m["pos"][axis] <= limit - m["r"]:
                         m["vel"][axis] *= -1
                         m["pos"][axis] = np.clip(m["pos"][axis], m["r"], limit - m["r"])
-                draw_shape(frame, m["kind"], *m["pos"], m["r"], m["color"])
+                boxes.append(draw_shape(frame, m["kind"], *m["pos"], m["r"], m["color"]))
             writer.write(frame)
+            if tracks is not None:
+                visible = _visibility(movers, size)
+                rows += [(index, i, CLASSES.index(m["kind"]) + 1, box, visible[i])
+                         for i, (m, box) in enumerate(zip(movers, boxes))]
         writer.release()
+    if tracks is not None:
+        write_tracks(tracks, rows)
     return path
+
+
+def _visibility(movers, size) -> list[float]:
+    """The share of each shape's pixels not covered by the shapes drawn after it."""
+    masks = []
+    for m in movers:
+        mask = np.zeros(size, np.uint8)
+        draw_shape(mask, m["kind"], *m["pos"], m["r"], 255)
+        masks.append(mask > 0)
+    shares = []
+    for i, mask in enumerate(masks):
+        covered = np.logical_or.reduce(masks[i + 1:]) if i + 1 < len(masks) else np.zeros(size, bool)
+        shares.append(float((mask & ~covered).sum() / max(1, mask.sum())))
+    return shares
+
+
+def write_tracks(path: Path, rows) -> Path:
+    """MOTChallenge ground truth (MOT16/17 gt.txt), one line per object per frame:
+    `frame, id, left, top, width, height, 1, 1, visibility, label`: frame and id from 1,
+    MOT's conventions; class 1 (MOT's one target class: its tools drop or ignore other
+    classes as distractors) and the shape's category id (the COCO files', the model's
+    label) in the 10th column, which the MOT tools (TrackEval, motmetrics, trackers.eval)
+    do not read."""
+    lines = [f"{frame + 1},{track + 1},{x:.2f},{y:.2f},{w:.2f},{h:.2f},1,1,{visible:.3f},{label}"
+             for frame, track, label, (x, y, w, h), visible in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
+    return Path(path)
+
+
+def read_tracks(path: Path, frames: int | None = None) -> list[dict]:
+    """write_tracks' file -> per frame (index from 0, as the video decodes) {'ids' int64 [N],
+    'labels' int64 [N], 'boxes' float32 [N, 4] xyxy pixels, 'visibility' float32 [N]};
+    `frames`: that many frames (a frame without objects is empty), else up to the last."""
+    table = np.loadtxt(path, delimiter=",", ndmin=2) if Path(path).stat().st_size else np.zeros((0, 10))
+    count = frames if frames is not None else int(table[:, 0].max(initial=0))
+    out = []
+    for index in range(count):
+        rows = table[table[:, 0] == index + 1]
+        x, y, w, h = rows[:, 2:6].T
+        out.append({"ids": rows[:, 1].astype(np.int64), "labels": rows[:, 9].astype(np.int64),
+                    "boxes": np.stack([x, y, x + w, y + h], 1).astype(np.float32),
+                    "visibility": rows[:, 8].astype(np.float32)})
+    return out
 
 
 def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_frames: int = 150,
@@ -149,4 +205,5 @@ def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_fr
     rng = np.random.default_rng(seed)
     return {"train": write_split(out, "train", train, size, rng, max_objects),
             "val": write_split(out, "val", val, size, rng, max_objects),
-            "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng)}
+            # the true tracks beside the video, for `--track` (tests/test_tracking.py)
+            "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng, tracks=out / "shapes.gt.txt")}
