@@ -130,13 +130,16 @@ def _register(sub) -> None:
                                                    "30 for streams, 5 for cameras; inf: for ever)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("bench", help="(runtime) latency and throughput of a model alone, and of the full "
-                                     "pipeline over a source, in one run")
+    p = sub.add_parser("bench", help="(runtime) latency and throughput of a model alone, of the full "
+                                     "pipeline over a source, and of N streams batched, in one run")
     p.add_argument("model")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--source", help="also run the whole pipeline over this source")
-    p.add_argument("--max-frames", type=int, help="pipeline: at most N frames")
+    p.add_argument("--max-frames", type=int, help="pipeline: at most N frames (of each stream)")
+    p.add_argument("--streams", help="also N copies of --source batched against N single-stream pipelines run at "
+                                     "once, for each N of a list (e.g. 1,2,4)")
+    p.add_argument("--rounds", type=int, default=1, help="--streams: rounds, each N in turn (medians reported)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("deploy", help="checkpoint -> FP32/FP16/INT8 ONNX (+ TensorRT engines on a GPU), "
@@ -298,8 +301,20 @@ def _source_list(path: str) -> list:
 
 
 def _bench(args) -> None:
-    from detr_edge.runtime.run import bench, format_bench
-    print(format_bench(bench(args.model, args.backend, args.iters, args.source, args.max_frames)))
+    from detr_edge.runtime.bench import bench, format_bench
+    print(format_bench(bench(args.model, args.backend, args.iters, args.source, args.max_frames,
+                             _counts(args.streams) if args.streams else None, args.rounds)))
+
+
+def _counts(text: str) -> list:
+    """--streams 1,2,4 -> [1, 2, 4]."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"--streams {text}: stream counts, e.g. 1,2,4")
+    return counts
 
 
 def _deploy(args) -> None:

@@ -211,7 +211,7 @@ def _engines(steps: Steps, artifacts: dict, precisions) -> dict:
 def _latency(engine, iters: int) -> dict:
     import numpy as np
 
-    from detr_edge.runtime.run import model_alone
+    from detr_edge.runtime.bench import model_alone
     frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
     times = model_alone(engine, frame, iters)
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}

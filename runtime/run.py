@@ -1,22 +1,18 @@
-"""`detr-edge run` and `detr-edge bench`: the streaming runtime from the command line
-(numpy, OpenCV and the backend only; never torch)."""
+"""`detr-edge run`: the streaming runtime from the command line (numpy, OpenCV and the
+backend only; never torch)."""
 from __future__ import annotations
 
 import contextlib
 import re
 import signal
-import statistics
 import threading
 import time
 from pathlib import Path
-
-import numpy as np
 
 from .backends import load_backend
 from .errors import UserError
 from .pipeline import Stream
 from .postprocess import check_conf
-from .preprocess import preprocess
 from .sinks import JsonlSink, VideoSink, WindowSink, annotate
 
 
@@ -142,56 +138,3 @@ def _run(engine, stream: Stream, show, save, jsonl, quiet):
             for sink in sinks:
                 sink.close(ok)
     return stream.stats
-
-
-def model_alone(engine, frame: np.ndarray, iters: int, warmup: int = 5) -> list[float]:
-    """Per-call latency (ms) of preprocess + infer + postprocess on one frame."""
-    times = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        batch = preprocess([frame], engine.spec)
-        engine.to_detections(engine.infer(batch.images, batch.mask), batch)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
-def bench(model, backend: str = "auto", iters: int = 100, source=None, max_frames: int | None = None) -> dict:
-    """Model alone (latency percentiles, throughput) and, with a source, the full pipeline
-    over it, in one run."""
-    with load_backend(model, backend) as engine:
-        return _bench(engine, str(model), iters, source, max_frames)
-
-
-def _bench(engine, model: str, iters: int, source, max_frames) -> dict:
-    stream = Stream(engine, source, max_frames=max_frames) if source is not None else None
-    frame = None
-    if stream is not None:  # a real frame of the source for the model-alone figure
-        first = stream.source.read() if not stream.source.live else None
-        frame = first[0] if first else None
-        stream.close()
-        stream = Stream(engine, source, max_frames=max_frames)
-    if frame is None:
-        frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
-    times = model_alone(engine, frame, iters)
-    report = {"model": str(model), "backend": repr(engine), "iters": iters,
-              "model_alone": {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)),
-                              "p99_ms": float(np.percentile(times, 99)), "fps": 1000 / statistics.mean(times)}}
-    if stream is not None:
-        for _ in stream:
-            pass
-        report["pipeline"] = stream.stats.summary()
-        report["pipeline_vs_model"] = report["pipeline"]["fps"] / report["model_alone"]["fps"]
-    return report
-
-
-def format_bench(report: dict) -> str:
-    alone = report["model_alone"]
-    lines = [f"{report['backend']}",
-             f"  model alone  p50 {alone['p50_ms']:.2f} ms  p90 {alone['p90_ms']:.2f}  p99 {alone['p99_ms']:.2f}  "
-             f"{alone['fps']:.1f} FPS ({report['iters']} iterations, preprocess + infer + postprocess)"]
-    if "pipeline" in report:
-        pipe = report["pipeline"]
-        lines.append(f"  pipeline     {pipe['frames']} frames, {pipe['dropped']} dropped, {pipe['fps']:.1f} FPS "
-                     f"= {report['pipeline_vs_model']:.0%} of the model alone")
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ from detr_edge.cli import main
 from detr_edge.export.trt_plan import parse_version, target_for
 from detr_edge.runtime.backends import load_backend
 from detr_edge.runtime.errors import UserError
-from detr_edge.runtime.run import model_alone
+from detr_edge.runtime.bench import model_alone
 from detr_edge.train.checkpoint import save_checkpoint
 from detr_edge.train.config import DETRConfig, checkpoint_config
 from detr_edge.train.synth import synthesize
