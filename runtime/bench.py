@@ -81,14 +81,7 @@ def _streams(engine, frame, source, count: int, max_frames, iters: int, rounds: 
             for _ in run:
                 pass
         batched.append(_figures([run], run.stats.started, run.stats.ended))
-        runs = [Stream(engine, source, max_frames=max_frames, batch=1) for _ in range(count)]
-        threads = [threading.Thread(target=lambda r=r: [None for _ in r]) for r in runs]
-        start = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        singles.append(_figures(runs, start, time.monotonic()))
+        singles.append(_singles(engine, source, count, max_frames))
     row = {"streams": count, "rounds": rounds, "model_alone_fps": statistics.median(alone),
            "batched": _median(batched), "singles": _median(singles)}
     row["batched_vs_model"] = row["batched"]["fps"] / row["model_alone_fps"]
@@ -96,9 +89,36 @@ def _streams(engine, frame, source, count: int, max_frames, iters: int, rounds: 
     return row
 
 
+def _singles(engine, source, count: int, max_frames) -> dict:
+    """`count` single-stream pipelines at once, each as a user would run one (batch 1);
+    sharing the model where its backend takes concurrent calls, else each its own."""
+    engines = [engine] * count if engine.concurrent else [load_backend(engine.path) for _ in range(count)]
+    runs = [Stream(e, source, max_frames=max_frames, batch=1) for e in engines]
+    errors = []
+
+    def consume(run):
+        try:
+            for _ in run:
+                pass
+        except Exception as exc:  # raised below, not lost in a thread
+            errors.append(exc)
+    threads = [threading.Thread(target=consume, args=(run,)) for run in runs]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    end = time.monotonic()
+    for own in () if engine.concurrent else engines:
+        own.close()
+    if errors:
+        raise errors[0]
+    return _figures(runs, start, end)
+
+
 def _figures(runs: list, start: float, end: float) -> dict:
     frames = sum(r.stats.frames for r in runs)
-    latency = [v for r in runs for v in r.stats.stages["latency"]]
+    latency = [v for r in runs for v in r.stats.stages["latency"]] or [0.0]
     return {"frames": frames, "fps": frames / max(end - start, 1e-9),
             "latency_p50_ms": float(np.percentile(latency, 50)), "latency_p90_ms": float(np.percentile(latency, 90))}
 

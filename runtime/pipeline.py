@@ -13,9 +13,10 @@ inference call takes up to `batch` frames, one per source with a frame ready, ro
 round, starting after the source the last call ended with, so no source starves another.
 A fixed-batch model's batch is filled (the backend pads when fewer frames are ready).
 
-A source that cannot open, or fails while running, is named in one line and the others go
-on (with `strict`, a source that cannot open refuses the run); with a single source its
-error is the run's.
+A source that cannot open, or fails while running (a live one that did not come back
+within its reconnect time), is named in one line and the others go on (with `strict`, a
+source that cannot open refuses the run at start); with a single source its error is the
+run's.
 """
 from __future__ import annotations
 
@@ -135,15 +136,20 @@ class Stream:
     source, up to the backend's limit). `max_frames`: per source. `track`: persistent ids
     per source (runtime.track). `reconnect`: seconds a dropped live source is retried."""
 
-    def __init__(self, backend, sources, conf: float = 0.5, classes: set[int] | None = None,
+    def __init__(self, backend, source, conf: float = 0.5, classes: set[int] | None = None,
                  max_frames: int | None = None, queue_size: int = 4, timeout: float = 10.0,
                  batch: int | None = None, strict: bool = False, track: bool = False,
                  reconnect: float | None = None):
         self.backend, self.conf, self.classes, self.max_frames = backend, conf, classes, max_frames
         self.track = track
-        specs = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+        specs = list(source) if isinstance(source, (list, tuple)) else [source]
         if not specs:
             raise UserError("no source given")
+        if batch is not None and batch < 1:
+            raise UserError(f"--batch {batch}: at least 1")
+        if track:  # the tracker library is there, before any source opens
+            from .track import Tracker
+            Tracker(30.0)
         self.stats = Stats(sources=[SourceStats(_name(s)) for s in specs])
         opened = _open_all(specs, timeout, reconnect, strict)
         for i, item in enumerate(opened):
@@ -151,15 +157,13 @@ class Stream:
                 self.stats.sources[i].error = item
         self._feeds = [_Feed(i, s, queue_size, self.stats.sources[i]) for i, s in enumerate(opened)
                        if isinstance(s, Source)]
-        if batch is not None and batch < 1:
-            raise UserError(f"--batch {batch}: at least 1")
         self.batch = batch or backend.batch or min(len(self._feeds), backend.max_batch or len(self._feeds))
         self._next = 0  # the feed the next inference call starts with
         self._ready = threading.Condition()
         self._results = queue.Queue(maxsize=queue_size * len(self._feeds))
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        self._fatal = strict or len(specs) == 1  # a source's error ends the run
+        self._fatal = len(specs) == 1  # a source's error while running ends the run
         self._threads = [threading.Thread(target=self._guard, args=(self._capture, feed), name=f"capture-{feed.number}",
                                           daemon=True) for feed in self._feeds]
         self._threads.append(threading.Thread(target=self._guard, args=(self._infer,), name="infer", daemon=True))
@@ -206,6 +210,8 @@ class Stream:
                 start = time.monotonic()
                 item = feed.source.read()
                 if item is None:
+                    if feed.source.failure:  # a live source that did not come back
+                        raise UserError(feed.source.failure)
                     break
                 captured = time.monotonic()
                 self.stats.add("capture", captured - start)
@@ -217,8 +223,9 @@ class Stream:
                 feed.index += 1
                 with self._ready:
                     if feed.source.live and len(feed.frames) >= feed.capacity:  # newest frame wins
-                        feed.frames.popleft()
+                        gap += feed.frames.popleft()[4]  # and keeps a dropped frame's gap
                         feed.stats.dropped += 1
+                        packet = packet[:4] + (gap,)
                     while len(feed.frames) >= feed.capacity and not self._stop.is_set():
                         self._ready.wait(0.1)
                     feed.frames.append(packet)
@@ -314,11 +321,15 @@ class Stream:
         if not self.stats.ended:
             self.stats.ended = time.monotonic()
         self._stop.set()
-        for thread in self._threads:
-            if thread.is_alive():
-                thread.join(timeout=5)
         for feed in self._feeds:
-            feed.source.close()
+            feed.source.halt()  # a reconnecting source stops waiting
+        deadline = time.monotonic() + 5
+        for thread in self._threads:
+            if thread.ident is not None:  # started
+                thread.join(timeout=max(deadline - time.monotonic(), 0.0))
+        for feed, thread in zip(self._feeds, self._threads):
+            if not thread.is_alive():  # one still inside read() keeps its capture (a daemon: ends with us)
+                feed.source.close()
 
     def __enter__(self):
         return self
@@ -347,8 +358,8 @@ def _open_all(specs: list, timeout: float, reconnect: float | None, strict: bool
     for spec, future in zip(specs, futures):
         try:
             opened.append(future.result())
-        except UserError as exc:
-            opened.append(_naming(str(exc), _name(spec)))
+        except Exception as exc:  # UserError, or what OpenCV or the OS raised: the source's failure
+            opened.append(_naming(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, _name(spec)))
     errors = [item for item in opened if isinstance(item, str)]
     if errors and (strict or len(errors) == len(specs)):
         for source in opened:
@@ -361,7 +372,7 @@ def _open_all(specs: list, timeout: float, reconnect: float | None, strict: bool
     return opened
 
 
-def stream(model, sources, conf: float = 0.5, backend: str = "auto", **options):
+def stream(model, source, conf: float = 0.5, backend: str = "auto", **options):
     """The Python API: an iterator of FrameResult for a model file (or Backend) and one
     source or a list of them (results of every source, each source's in order).
 
@@ -370,4 +381,4 @@ def stream(model, sources, conf: float = 0.5, backend: str = "auto", **options):
     """
     from .backends import load_backend
     engine = model if hasattr(model, "infer") else load_backend(model, backend)  # a Backend already
-    return Stream(engine, sources, conf, **options)
+    return Stream(engine, source, conf, **options)

@@ -38,12 +38,15 @@ def run(model, sources, backend: str = "auto", conf: float = 0.5, classes: str |
     """`model`: a file, or a Backend already loaded (left open). `sources`: one, or a list
     (then `save` is a folder that gets one video per source)."""
     count = len(sources) if isinstance(sources, (list, tuple)) else 1
-    if save and count > 1 and Path(save).suffix:
+    if save and count > 1 and Path(save).suffix.lower() in VIDEO_SUFFIXES:
         raise UserError(f"--save {save}: with {count} sources, a folder (one video per source), not a file")
     with contextlib.nullcontext(model) if hasattr(model, "infer") else load_backend(model, backend) as engine:
         stream = Stream(engine, sources, check_conf(conf), class_filter(classes, engine.classes), max_frames,
                         timeout=timeout, batch=batch, strict=strict, track=track, reconnect=reconnect)
         return _run(engine, stream, show, save, jsonl, quiet)
+
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v")
 
 
 def video_names(names: list[str]) -> list[str]:
@@ -134,7 +137,7 @@ def _run(engine, stream: Stream, show, save, jsonl, quiet):
             ok, stream.stats.interrupted = True, stop.signal or signal.SIGINT
         finally:
             stop.holding = True  # a second signal waits until the files are closed whole
-            stream.close()
-            for sink in sinks:
+            for sink in sinks:  # first: closing the sources may wait (a stream reconnecting)
                 sink.close(ok)
+            stream.close()
     return stream.stats

@@ -9,6 +9,7 @@ left is reported with the first frame after it."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class Source:
     live = False
     fps = 0.0
     name = ""
+    failure = ""  # why a live source ended: it did not come back
     _gap = 0.0
 
     def read(self):
@@ -40,6 +42,9 @@ class Source:
         gap, self._gap = self._gap, 0.0
         return gap
 
+    def halt(self) -> None:
+        """Stop waiting (reconnecting): the stream is closing."""
+
     def close(self) -> None:
         pass
 
@@ -49,7 +54,7 @@ class VideoSource(Source):
 
     def __init__(self, target, live: bool, api=cv2.CAP_ANY, reconnect_s: float = 30.0, timeout: float = 10.0):
         self.target, self.live, self.api, self.reconnect_s, self.timeout = target, live, api, reconnect_s, timeout
-        self.name = str(target)
+        self.name, self._halted = str(target), threading.Event()
         start = time.monotonic()
         self.capture = self._open()
         if not self.capture.isOpened():
@@ -92,7 +97,8 @@ class VideoSource(Source):
         deadline, wait = time.monotonic() + self.reconnect_s, 0.5
         while time.monotonic() < deadline:
             log.warning("%s: no frame; reconnecting in %.1f s", self.name, wait)
-            time.sleep(min(wait, max(deadline - time.monotonic(), 0.0)))
+            if self._halted.wait(min(wait, max(deadline - time.monotonic(), 0.0))):
+                return None
             self.capture.release()
             self.capture = self._open()
             ok, frame = self.capture.read() if self.capture.isOpened() else (False, None)
@@ -102,8 +108,12 @@ class VideoSource(Source):
                 log.warning("%s: back after %.1f s without frames", self.name, self._gap)
                 return frame, now
             wait = min(wait * 2, 8.0)
-        log.warning("%s: gave up after %.0f s without frames", self.name, self.reconnect_s)
+        self.failure = (f"{self.name}: no frame for {time.monotonic() - self.last:.0f} s; gave up after "
+                        f"{self.reconnect_s:g} s of reconnecting (--reconnect sets how long)")
         return None
+
+    def halt(self) -> None:
+        self._halted.set()
 
     def close(self) -> None:
         self.capture.release()

@@ -32,6 +32,7 @@ class Case:
     message: str                   # a part of the one line it must print
     setup: callable = None         # (work folder) -> extra placeholders
     may_leave: tuple = ()          # files the command is meant to write (a failed gate's report)
+    left_is: str = "the verdict"   # what those files are, as the page says
 
 
 def _photo(work: Path, name: str, height: int, width: int) -> None:
@@ -102,6 +103,16 @@ CASES = [
          lambda work: {**_images(work), **_folder(work)}),
     Case("--conf 1.5", ["run", "{onnx}", "images", "--conf", "1.5", "--jsonl", "o.jsonl"], 2, "in (0, 1]", _images),
     Case("--timeout 0", ["run", "{onnx}", "rtsp://127.0.0.1:9/cam", "--timeout", "0"], 2, "more than 0"),
+    Case("two of three sources missing (the third runs to its end)",
+         ["run", "{onnx}", "images", "nothing.mp4", "7", "--jsonl", "o.jsonl"], 1,
+         "2 of 3 sources failed: ", _images, ("o.jsonl",), "the running source's detections"),
+    Case("--strict and a source missing", ["run", "{onnx}", "images", "nothing.mp4", "--strict", "--jsonl", "o.jsonl"],
+         2, "(--strict: every source must open)", _images),
+    Case("--save naming a file with two sources", ["run", "{onnx}", "images", "images", "--save", "o.mp4"], 2,
+         "a folder (one video per source)", _images),
+    Case("--sources naming no file", ["run", "{onnx}", "--sources", "cameras.txt"], 2, "No such file"),
+    Case("bench --streams 0", ["bench", "{onnx}", "--source", "images", "--streams", "0"], 2, "stream counts",
+         _images),
     Case("a model without metadata", ["run", "{bare}", "images", "--save", "o.mp4"], 2, "metadata", _images),
     Case("a model whose metadata disagrees with its input", ["run", "{resized}", "images", "--save", "o.mp4"], 2,
          "256", _images),
@@ -188,13 +199,13 @@ def run_case(case: Case, models: dict) -> dict:
 def markdown(results: list[dict]) -> str:
     rows = ["| what the user did | command | exit | message | left behind |", "|---|---|---|---|---|"]
     for r in results:
-        left = ", ".join(r["left"]) + " (the verdict)" if r["left"] else "nothing"
+        left = ", ".join(r["left"]) + f" ({r['case'].left_is})" if r["left"] else "nothing"
         rows.append(f"| {r['case'].what} | `{r['command']}` | {r['code']} | {r['message']} | {left} |")
     return ("# Bad input: one line, a distinct exit code, nothing left behind\n\n"
             "Written by `make bad-inputs-doc` (tests/bad_inputs.py), which runs each command in a fresh "
             "folder; tests/test_bad_inputs.py runs the same battery and fails when this page differs from "
             "what the commands print. Exit codes: 0 done, 1 an artifact failed its gate (or the verdict is "
-            "inconclusive), 2 bad input or a mismatch, 130 Ctrl-C, 143 SIGTERM. Model files are the small "
+            "inconclusive; or some of several sources failed while the others ran), 2 bad input or a mismatch, 130 Ctrl-C, 143 SIGTERM. Model files are the small "
             "models the battery makes; ports and folders are its own.\n\n" + "\n".join(rows) + "\n")
 
 

@@ -25,6 +25,7 @@ class Backend:
     meta: dict
     output_names: list[str]
     max_batch: int | None = None  # the most images one call of a dynamic-batch model takes
+    concurrent = False  # whether threads may call infer() at once (TensorRT: one context, one set of buffers)
 
     def close(self) -> None:
         """Free the backend's engine and buffers (nothing to do for most backends)."""

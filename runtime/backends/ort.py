@@ -14,6 +14,7 @@ PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecution
 
 
 class OnnxRuntimeBackend(Backend):
+    concurrent = True  # InferenceSession.run is thread-safe
     def __init__(self, path, providers: list[str] | None = None, threads: int = 0):
         import onnxruntime as ort
 
