@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,export,calibration,dev]"
+	# the Triton server of the serving tests (its Python package pins numpy<2; the server needs none of it)
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt nvidia-pytriton
 	touch $(STAMP)
 
 # install-test-deps.sh: Debian's GStreamer RTSP server, the live camera of the reconnection tests

@@ -4,6 +4,7 @@ runtime commands never pay for (or need) torch."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from detr_edge.runtime.errors import UserError
 from detr_edge import train_cli
@@ -109,11 +111,14 @@ def _register(sub) -> None:
     p.set_defaults(func=_build)
 
     p = sub.add_parser("run", help="(runtime) real-time detection on a video, camera, stream or image folder")
-    p.add_argument("model", help=".onnx or .engine (its metadata gives input size, classes, preprocessing)")
+    p.add_argument("model", help=".onnx or .engine (its metadata gives input size, classes, preprocessing); "
+                                 "with --triton, the served model's name (deploy --triton writes 'detr')")
     p.add_argument("source", nargs="*", help="one or more: video file, camera index (0), rtsp:// or http:// URL, "
                                              "GStreamer pipeline, image folder; several are batched into one model")
     p.add_argument("--sources", help="a text file of sources, one a line (# comments), after those given")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    p.add_argument("--triton", metavar="URL", help="run the model a Triton server serves (host:port for HTTP, "
+                                                   "grpc://host:port for gRPC): detr-edge serve, deploy --triton")
     p.add_argument("--conf", type=float, default=0.5, help="score threshold (default 0.5)")
     p.add_argument("--classes", help="keep only these classes (names or ids, comma list)")
     p.add_argument("--show", action="store_true", help="show frames in a window (q or Esc quits)")
@@ -129,6 +134,15 @@ def _register(sub) -> None:
     p.add_argument("--reconnect", type=float, help="seconds a dropped live source is retried before it ends (default "
                                                    "30 for streams, 5 for cameras; inf: for ever)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("serve", help="(serving) NVIDIA Triton Inference Server on a deployment's model repository "
+                                     "(deploy --triton), until Ctrl-C")
+    p.add_argument("deploy_dir", help="the deploy --out folder (or its triton/ repository)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0: every interface)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="(runtime) latency and throughput of a model alone, of the full "
                                      "pipeline over a source, and of N streams batched, in one run")
@@ -153,7 +167,11 @@ def _register(sub) -> None:
     p.add_argument("--target", choices=list(TARGETS), default="ort")
     p.add_argument("--fixed-batch", action="store_true", help="batch 1 files instead of dynamic batch")
     p.add_argument("--max-ap-drop", type=float, default=1.0, help="INT8 search target when INT8 fails its gate")
-    p.add_argument("--triton", action="store_true", help="also write a Triton model repository (DIR/triton)")
+    p.add_argument("--triton", action="store_true", help="also write a Triton model repository (DIR/triton): the "
+                                                         "raw networks and `detr`, the end-to-end detector")
+    p.add_argument("--triton-instances", type=int, default=1, help="instances of the detector (default 1)")
+    p.add_argument("--triton-max-batch", type=int, default=8,
+                   help="largest batch Triton's dynamic batcher forms for the detector (0: no dynamic batching)")
     p.add_argument("--out", default="deploy-out")
     p.set_defaults(func=_deploy)
 
@@ -274,9 +292,14 @@ def _run(args) -> None:
     sources = args.source + (_source_list(args.sources) if args.sources else [])
     if not sources:
         raise UserError("run needs a source: a video, camera index, URL, pipeline or folder (or --sources FILE)")
-    stats = run(args.model, sources if len(sources) > 1 else sources[0], args.backend, args.conf, args.classes,
-                args.show, args.save, args.jsonl, args.max_frames, timeout=args.timeout, batch=args.batch,
-                strict=args.strict, track=args.track, reconnect=args.reconnect)
+    model = args.model
+    if args.triton:
+        from detr_edge.runtime.backends.triton import TritonClient
+        model = TritonClient(args.triton, args.model, args.timeout)
+    with contextlib.closing(model) if args.triton else contextlib.nullcontext():
+        stats = run(model, sources if len(sources) > 1 else sources[0], args.backend, args.conf, args.classes,
+                    args.show, args.save, args.jsonl, args.max_frames, timeout=args.timeout, batch=args.batch,
+                    strict=args.strict, track=args.track, reconnect=args.reconnect)
     print(stats.format())
     for path in (args.save, args.jsonl):
         if path and os.path.exists(path):
@@ -323,12 +346,27 @@ def _deploy(args) -> None:
     from .deploy import deploy, markdown
     summary = deploy(args.checkpoint, args.out, parse_imgsz(args.imgsz) if args.imgsz else None,
                      _split(args.precision) or (), args.calib_data, args.val_data, args.target, not args.fixed_batch,
-                     args.calib_samples, args.max_ap_drop, args.triton)
+                     args.calib_samples, args.max_ap_drop, args.triton,
+                     triton_options=_detector_options(args) if args.triton else None)
     print(markdown(summary))
     print(f"report: {args.out}/report.md, report.json, report.html; steps run: {', '.join(summary['steps']['ran']) or 'none (all up to date)'}")
     if not summary["passed"]:
         failed = sorted({r["precision"] for r in summary["artifacts"] if not r["passed"]})
         raise GateFailed(f"deployment gate failed for {', '.join(failed)}")
+
+
+def _detector_options(args):
+    from .repository import DetectorOptions
+    if args.triton_instances < 1 or args.triton_max_batch < 0:
+        raise UserError("--triton-instances: 1 or more; --triton-max-batch: 0 (no dynamic batching) or more")
+    return DetectorOptions(instances=args.triton_instances, max_batch=args.triton_max_batch)
+
+
+def _serve(args) -> None:
+    from .serve import serve
+    repository = Path(args.deploy_dir)
+    repository = repository / "triton" if (repository / "triton").is_dir() else repository
+    serve(repository, args.host, args.http_port, args.grpc_port, args.metrics_port)
 
 
 def _check(args) -> None:

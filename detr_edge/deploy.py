@@ -16,9 +16,10 @@ import hashlib
 import html
 import json
 import logging
-import shutil
+from dataclasses import asdict
 from pathlib import Path
 
+from detr_edge.repository import DetectorOptions, write_triton
 from detr_edge.runtime.errors import UserError
 from detr_edge.runtime.io import atomic_path, write_json
 
@@ -78,7 +79,9 @@ class Steps:
 
 def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), calib_data=None, val_data=None,
            target: str = "ort", dynamic_batch: bool = True, calib_samples: int = 256, max_ap_drop: float = 1.0,
-           triton: bool = False, bench_iters: int = 30) -> dict:
+           triton: bool = False, bench_iters: int = 30, triton_options: DetectorOptions | None = None) -> dict:
+    """`triton`: also a Triton model repository (DIR/triton): the raw networks, and `detr`,
+    the end-to-end detector on the fastest artifact that passed its gate (`triton_options`)."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.exists():
         raise UserError(f"{checkpoint}: no such file")
@@ -92,7 +95,8 @@ def deploy(checkpoint, out, imgsz=None, precisions=("fp32", "fp16", "int8"), cal
     out.mkdir(parents=True, exist_ok=True)
     with Loaded() as loaded:
         return _deploy(checkpoint, out, Steps(out / "deploy-state.json", environment()), loaded, imgsz, precisions,
-                       calib_data, val_data, target, dynamic_batch, calib_samples, max_ap_drop, triton, bench_iters)
+                       calib_data, val_data, target, dynamic_batch, calib_samples, max_ap_drop,
+                       triton and (triton_options or DetectorOptions()), bench_iters)
 
 
 class Loaded(contextlib.ExitStack):
@@ -178,13 +182,24 @@ def _deploy(checkpoint: Path, out: Path, steps: Steps, loaded: Loaded, imgsz, pr
     summary["steps"] = {"ran": steps.ran, "skipped": steps.skipped}
     if triton:
         every = {**artifacts, **engines}
-        summary["triton"] = steps.run("triton", list(every.values()), {}, [out / "triton"],
-                                      lambda: str(write_triton(out / "triton", every, loaded.get)))
+        served = served_artifact(summary["artifacts"])
+        summary["triton"] = steps.run("triton", list(every.values()), {"served": Path(served).name, **asdict(triton)},
+                                      [out / "triton"],
+                                      lambda: str(write_triton(out / "triton", every, loaded.get, served, triton)))
+        summary["triton_served"] = served
     write_json(out / "report.json", summary)
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown(summary))
     _html(out, summary)
     return summary
+
+
+def served_artifact(rows: list) -> str:
+    """The artifact the end-to-end detector serves: the fastest that passed its gate (an
+    engine where there is one), FP32 if none passed."""
+    passed = [r for r in rows if r["passed"]]
+    pool = [r for r in passed if r["file"].endswith((".engine", ".plan"))] or passed
+    return min(pool, key=lambda r: r["latency_p50_ms"])["file"] if pool else rows[0]["file"]
 
 
 def _engines(steps: Steps, artifacts: dict, precisions) -> dict:
@@ -282,7 +297,8 @@ def markdown(summary: dict) -> str:
     if summary["int8"]:
         lines += ["", summary["int8"] + "."]
     if summary.get("triton"):
-        lines += ["", f"Triton model repository: `{summary['triton']}`."]
+        lines += ["", f"Triton model repository: `{summary['triton']}` (the end-to-end detector `detr` runs "
+                      f"`{Path(summary['triton_served']).name}`; `detr-edge serve` serves it)."]
     return "\n".join(lines) + "\n"
 
 
@@ -313,55 +329,3 @@ def _html(out: Path, summary: dict) -> None:
             + "</body></html>")
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
-
-
-# ---- Triton ------------------------------------------------------------------------------
-
-TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bool": "TYPE_BOOL", "int64": "TYPE_INT64",
-                "int32": "TYPE_INT32"}
-
-
-def triton_config(name: str, path: Path, backend) -> str:
-    """config.pbtxt for one ONNX file or engine (tensor names and shapes read from the file)."""
-    tensors = _tensors(path, backend)
-    dynamic = backend.batch is None
-    platform = "tensorrt_plan" if path.suffix in (".engine", ".plan") else "onnxruntime_onnx"
-    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {8 if dynamic else 0}"]
-    for kind in ("input", "output"):
-        entries = []
-        for tensor, dtype, shape in tensors[kind]:
-            dims = shape[1:] if dynamic else shape
-            entries.append(f'  {{ name: "{tensor}" data_type: {TRITON_TYPES[dtype]} dims: [ {", ".join(map(str, dims))} ] }}')
-        lines.append(f"{kind} [\n" + ",\n".join(entries) + "\n]")
-    if dynamic:
-        lines.append("dynamic_batching { }")
-    return "\n".join(lines) + "\n"
-
-
-def _tensors(path: Path, backend) -> dict:
-    import onnx
-    if path.suffix != ".onnx":  # an engine: the ONNX it was built from names the same tensors
-        path = path.with_name(backend.meta["engine"]["source"])
-    graph = onnx.load(str(path), load_external_data=False).graph
-    kinds = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BOOL: "bool",
-             onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
-
-    def describe(values):
-        return [(v.name, kinds[v.type.tensor_type.elem_type],
-                 [d.dim_value if d.dim_value else -1 for d in v.type.tensor_type.shape.dim]) for v in values]
-    return {"input": describe(graph.input), "output": describe(graph.output)}
-
-
-def write_triton(root: Path, files: dict, backend_of) -> Path:
-    """A Triton model repository: one model per artifact, `<name>/config.pbtxt` + `<name>/1/model.*`
-    (`backend_of(path)`: the artifact's loaded backend)."""
-    for kind, path in files.items():
-        path = Path(path)
-        name = "detr_" + kind.replace(" ", "_").replace("-", "_")
-        folder = root / name
-        (folder / "1").mkdir(parents=True, exist_ok=True)
-        target = folder / "1" / ("model.plan" if path.suffix in (".engine", ".plan") else "model.onnx")
-        shutil.copyfile(path, target)
-        with atomic_path(folder / "config.pbtxt") as tmp:
-            tmp.write_text(triton_config(name, path, backend_of(path)))
-    return root

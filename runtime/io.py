@@ -41,6 +41,16 @@ def read_image(path) -> np.ndarray:
     return frame
 
 
+def decode_image(data: bytes, what: str = "image") -> np.ndarray:
+    """A BGR image from a file's bytes (JPEG, PNG, ...), decoded as `read_image` reads one."""
+    if not data:
+        raise UserError(f"{what}: empty bytes, not an image")
+    frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if frame is None:
+        raise UserError(f"{what}: {len(data)} bytes that OpenCV cannot decode as an image")
+    return frame
+
+
 def coco_image_folder(annotations) -> Path:
     """The image folder of a COCO instances json, by the COCO layout's naming:
     instances_val2017.json -> val2017/ beside it or beside its annotations/ folder."""

@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -259,18 +260,12 @@ class Stream:
             return picked
 
     def _infer(self) -> None:
-        spec = self.backend.spec
         while True:
             picked = self._gather()
             if not picked:
                 self._put(self._results, _END)
                 return
-            t0 = time.monotonic()
-            batch = preprocess([packet[2] for _, packet in picked], spec)
-            t1 = time.monotonic()
-            outputs = self.backend.infer(batch.images, batch.mask)
-            t2 = time.monotonic()
-            detections = self.backend.to_detections(outputs, batch, self.conf)
+            detections = self._detect([packet[2] for _, packet in picked])
             results = []
             for (feed, (index, timestamp, frame, captured, gap)), found in zip(picked, detections):
                 if self.classes is not None:
@@ -279,16 +274,32 @@ class Stream:
                 if self.track:  # a live source's time: the motion model steps over dropped frames
                     found = self._tracker(feed).update(found, timestamp if feed.source.live else None)
                 results.append(FrameResult(index, timestamp, frame, found, 0.0, feed.stats.name, feed.number, gap))
-            t3 = time.monotonic()
+            done = time.monotonic()
             self.stats.batches += 1
-            self.stats.add("preprocess", t1 - t0)
-            self.stats.add("infer", t2 - t1)
-            self.stats.add("postprocess", t3 - t2)
             for (_, packet), result in zip(picked, results):
-                result.latency_ms = (t3 - packet[3]) * 1000
-                self.stats.add("latency", t3 - packet[3])
+                result.latency_ms = (done - packet[3]) * 1000
+                self.stats.add("latency", done - packet[3])
                 if not self._put(self._results, result):
                     return
+
+    def _detect(self, frames: list) -> list:
+        """One batch's detections: preprocessed, inferred and decoded here, or by a served model
+        (a `remote` backend: runtime.backends.triton)."""
+        if getattr(self.backend, "remote", False):
+            start = time.monotonic()
+            found = self.backend.detect_frames(frames, self.conf)
+            self.stats.add("infer", time.monotonic() - start)
+            return found
+        t0 = time.monotonic()
+        batch = preprocess(frames, self.backend.spec)
+        t1 = time.monotonic()
+        outputs = self.backend.infer(batch.images, batch.mask)
+        t2 = time.monotonic()
+        found = self.backend.to_detections(outputs, batch, self.conf)
+        self.stats.add("preprocess", t1 - t0)
+        self.stats.add("infer", t2 - t1)
+        self.stats.add("postprocess", time.monotonic() - t2)
+        return found
 
     def _tracker(self, feed: _Feed):
         if feed.tracker is None:
@@ -380,5 +391,5 @@ def stream(model, source, conf: float = 0.5, backend: str = "auto", **options):
             print(result.source, result.index, result.detections["labels"])
     """
     from .backends import load_backend
-    engine = model if hasattr(model, "infer") else load_backend(model, backend)  # a Backend already
+    engine = load_backend(model, backend) if isinstance(model, (str, Path)) else model  # a Backend already
     return Stream(engine, source, conf, **options)

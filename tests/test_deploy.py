@@ -88,8 +88,22 @@ def test_triton_repository_parses_and_names_the_real_tensors(deployed):
 
     root, _, _, _ = deployed
     repository = root / "out" / "triton"
-    models = sorted(p for p in repository.iterdir() if p.is_dir())
+    models = sorted(p for p in repository.iterdir() if p.is_dir() and p.name != "detr")
     assert [m.name for m in models] == ["detr_fp16", "detr_fp32", "detr_int8", "detr_int8_cpu"]
+    # the end-to-end detector serves the fastest artifact that passed its gate
+    summary = json.loads((root / "out" / "report.json").read_text())
+    passed = [r for r in summary["artifacts"] if r["passed"]]
+    fastest = min(passed, key=lambda r: r["latency_p50_ms"])
+    assert summary["triton_served"] == fastest["file"]  # (paths as the last run named them)
+    detector = text_format.Parse((repository / "detr" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert detector.backend == "python" and detector.max_batch_size == 8 and detector.HasField("dynamic_batching")
+    assert [i.name for i in detector.input] == ["encoded", "frame"] and all(i.optional for i in detector.input)
+    assert [o.name for o in detector.output] == ["num_detections", "scores", "labels", "boxes"]
+    assert list(detector.output[3].dims) == [SMALL.num_queries, 4]
+    assert json.loads(detector.parameters["classes"].string_value) == ["N/A", "square", "circle", "triangle", "star"]
+    assert (repository / "detr" / "1" / "model.onnx").read_bytes() == \
+        (root / "out" / Path(fastest["file"]).name).read_bytes()
+    assert (repository / "detr" / "labels.txt").read_text().split("\n")[1] == "square"
     for folder in models:
         config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         graph = onnx.load(str(folder / "1" / "model.onnx")).graph
