@@ -170,8 +170,11 @@ def _register(sub) -> None:
     p.add_argument("--triton", action="store_true", help="also write a Triton model repository (DIR/triton): the "
                                                          "raw networks and `detr`, the end-to-end detector")
     p.add_argument("--triton-instances", type=int, default=1, help="instances of the detector (default 1)")
-    p.add_argument("--triton-max-batch", type=int, default=8,
-                   help="largest batch Triton's dynamic batcher forms for the detector (0: no dynamic batching)")
+    p.add_argument("--triton-threads", type=int, default=0, help="onnxruntime threads per instance (default 0: one "
+                                                                 "per core; on a CPU server, 1 with an instance per core)")
+    p.add_argument("--triton-max-batch", type=int, default=8, help="the detector's largest batch (default 8)")
+    p.add_argument("--no-triton-dynamic-batching", action="store_true",
+                   help="the detector runs each request as it comes (default: Triton batches concurrent requests)")
     p.add_argument("--out", default="deploy-out")
     p.set_defaults(func=_deploy)
 
@@ -357,9 +360,10 @@ def _deploy(args) -> None:
 
 def _detector_options(args):
     from .repository import DetectorOptions
-    if args.triton_instances < 1 or args.triton_max_batch < 0:
-        raise UserError("--triton-instances: 1 or more; --triton-max-batch: 0 (no dynamic batching) or more")
-    return DetectorOptions(instances=args.triton_instances, max_batch=args.triton_max_batch)
+    if args.triton_instances < 1 or args.triton_max_batch < 1 or args.triton_threads < 0:
+        raise UserError("--triton-instances and --triton-max-batch: 1 or more; --triton-threads: 0 or more")
+    return DetectorOptions(instances=args.triton_instances, max_batch=args.triton_max_batch,
+                           dynamic_batching=not args.no_triton_dynamic_batching, threads=args.triton_threads)
 
 
 def _serve(args) -> None:

@@ -27,14 +27,18 @@ MODEL_PY = ('"""detr-edge\'s end-to-end detector for Triton\'s Python backend: d
 @dataclass
 class DetectorOptions:
     """The served detector's knobs: instances of the model (each its own backend), the
-    largest batch Triton's dynamic batcher forms (0: no dynamic batching, one request a
-    call), how long it may hold a request to fill a batch, the default score threshold,
-    and onnxruntime's threads per instance (0: one per core)."""
+    largest batch (a request's, or one Triton's dynamic batcher forms), whether Triton
+    batches requests together and how long it may hold one to fill a batch, the default
+    score threshold, onnxruntime's threads per instance (0: one per core) and whether they
+    busy-wait between calls (off by default: a server shares its cores with Triton's own
+    threads, the backend's stub and, on one machine, the clients)."""
     instances: int = 1
     max_batch: int = 8
-    queue_delay_us: int = 2000
+    dynamic_batching: bool = True
+    queue_delay_us: int = 0  # Triton's default: batch what queued while the model ran, never idle to wait
     conf: float = 0.5
     threads: int = 0
+    spin: bool = False
 
 
 def raw_config(name: str, path: Path, backend) -> str:
@@ -59,7 +63,7 @@ def detector_config(artifact: Path, backend, options: DetectorOptions) -> str:
     rows = _tensors(artifact, backend)["output"][0][2][1]  # the queries: logits/scores [batch, K, ...]
     engine = artifact.suffix in (".engine", ".plan")
     params = {"artifact": "model" + artifact.suffix, "conf": str(options.conf), "max_detections": str(rows),
-              "threads": str(options.threads), "classes": json.dumps(backend.classes)}
+              "threads": str(options.threads), "spin": str(int(options.spin)), "classes": json.dumps(backend.classes)}
     lines = [f'name: "{DETECTOR}"', 'backend: "python"', f"max_batch_size: {options.max_batch}",
              "input [",
              '  { name: "encoded" data_type: TYPE_UINT8 dims: [ -1 ] optional: true },',
@@ -71,7 +75,7 @@ def detector_config(artifact: Path, backend, options: DetectorOptions) -> str:
              f'  {{ name: "boxes" data_type: TYPE_FP32 dims: [ {rows}, 4 ] }}',
              "]",
              f"instance_group [ {{ count: {options.instances} kind: {'KIND_GPU' if engine else 'KIND_CPU'} }} ]"]
-    if options.max_batch:
+    if options.dynamic_batching:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} }}")
     lines += [f"parameters {{ key: \"{k}\" value: {{ string_value: {json.dumps(v)} }} }}" for k, v in params.items()]
     return "\n".join(lines) + "\n"

@@ -85,8 +85,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params["artifact"]
-        # onnxruntime's threads per instance (0: one per core; with several instances, fewer)
-        options = {"threads": int(params.get("threads", 0))} if artifact.suffix == ".onnx" else {}
+        # onnxruntime's threads per instance (0: one per core; with several instances, fewer), and
+        # whether they busy-wait between calls (off: the cores go to Triton, the stub and clients)
+        options = ({"threads": int(params.get("threads", 0)), "spin": params.get("spin", "1") == "1"}
+                   if artifact.suffix == ".onnx" else {})
         self.backend = load_backend(artifact, **options)
         self.conf = check_conf(float(params.get("conf", 0.5)))
         self.rows = int(params["max_detections"])

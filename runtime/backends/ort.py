@@ -15,7 +15,10 @@ PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecution
 
 class OnnxRuntimeBackend(Backend):
     concurrent = True  # InferenceSession.run is thread-safe
-    def __init__(self, path, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, path, providers: list[str] | None = None, threads: int = 0, spin: bool = True):
+        """`threads`: intra-op threads (0: one per core). `spin`: whether they busy-wait for
+        the next call (fastest alone; off where other processes need the cores between calls:
+        a server beside its clients)."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -28,6 +31,8 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: no per-node provider-placement warnings
         self.session = _session(ort, path, options, providers)
         custom = self.session.get_modelmeta().custom_metadata_map
