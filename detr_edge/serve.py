@@ -56,9 +56,9 @@ def tritonserver_command(repository, host: str = "127.0.0.1", http_port: int = 8
     (name: the backend it lacks). `shm_prefix` names the Python backend's /dev/shm regions (a
     server that fails to start leaves them behind). Pure but for the symlinks it keeps in the
     cache folder (see `_backend_directory`)."""
-    repository = Path(repository).resolve()
+    given, repository = Path(repository), Path(repository).resolve()  # messages name it as given
     if not repository.is_dir():
-        raise UserError(f"no Triton model repository at {repository}")
+        raise UserError(f"no Triton model repository at {given}")
     dist = _pytriton_dist(repository)
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
@@ -66,10 +66,13 @@ def tritonserver_command(repository, host: str = "127.0.0.1", http_port: int = 8
         have = sorted(p.name for p in (dist / "python_backend_stubs").iterdir())
         raise UserError(f"nvidia-pytriton has no Triton Python backend for Python {version} (it has {', '.join(have)})")
     load, skipped = servable(repository, {p.name for p in (dist / "backends").iterdir() if p.is_dir()})
+    if not load and not skipped:
+        raise UserError(f"{given}: not a Triton model repository (no MODEL/config.pbtxt; deploy --triton "
+                        "writes one)")
     if not load:
-        raise UserError(f"{repository}: no model this tritonserver can run (it has the Python backend only; "
-                        f"{', '.join(f'{k} needs {v}' for k, v in skipped.items()) or 'no config.pbtxt'}): "
-                        "NVIDIA's tritonserver container runs them, for example: " + DOCKER_EXAMPLE.format(repo=repository))
+        raise UserError(f"{given}: no model this tritonserver can run (it has the Python backend only; "
+                        f"{', '.join(f'{k} needs {v}' for k, v in skipped.items())}): NVIDIA's tritonserver "
+                        "container runs them, for example: " + DOCKER_EXAMPLE.format(repo=repository))
     argv = [str(dist / "bin" / "tritonserver"),
             f"--model-repository={repository}",
             # the wheel has the Python backend only: load the models it can run (the end-to-end detector)
