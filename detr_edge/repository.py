@@ -66,8 +66,9 @@ def detector_config(artifact: Path, backend, options: DetectorOptions) -> str:
               "threads": str(options.threads), "spin": str(int(options.spin)), "classes": json.dumps(backend.classes)}
     lines = [f'name: "{DETECTOR}"', 'backend: "python"', f"max_batch_size: {options.max_batch}",
              "input [",
-             '  { name: "encoded" data_type: TYPE_UINT8 dims: [ -1 ] optional: true },',
-             '  { name: "frame" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] optional: true }',
+             # ragged: requests of other sizes batch together (the detector takes each request's own tensor)
+             '  { name: "encoded" data_type: TYPE_UINT8 dims: [ -1 ] optional: true allow_ragged_batch: true },',
+             '  { name: "frame" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] optional: true allow_ragged_batch: true }',
              "]", "output [",
              '  { name: "num_detections" data_type: TYPE_INT32 dims: [ 1 ] },',
              f'  {{ name: "scores" data_type: TYPE_FP32 dims: [ {rows} ] }},',

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import importlib.util
 import json
@@ -42,8 +43,10 @@ from pathlib import Path
 
 from detr_edge.runtime.errors import UserError
 
+# NVIDIA's image with this package added (docs/serving.md: the stock image has no OpenCV or onnxruntime)
 DOCKER_EXAMPLE = ("docker run --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v {repo}:/models "
-                  "nvcr.io/nvidia/tritonserver:25.01-py3 tritonserver --model-repository=/models")
+                  "IMAGE tritonserver --model-repository=/models, IMAGE built FROM nvcr.io/nvidia/tritonserver:"
+                  "25.01-py3 with detr-edge installed (docs/serving.md)")
 # harmless on a machine without an NVIDIA driver; not the reason anything failed
 _NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML", "DCGM")
 
@@ -172,8 +175,11 @@ def _port_free(host: str, port: int) -> bool:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
-        except OSError:
-            return False
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise UserError(f"cannot bind {host}:{port}: {exc.strerror} (an address of this machine, 127.0.0.1 "
+                            "or 0.0.0.0)") from None
         return True
 
 
@@ -214,7 +220,11 @@ class TritonServer:
                  grpc_port: int | None = None, metrics_port: int | None = None, log_file=None):
         self.repository = Path(repository)
         self.host = host
-        free = iter(_free_ports(host, 3))
+        try:
+            free = iter(_free_ports(host, [http_port, grpc_port, metrics_port].count(None)))
+        except OSError as exc:
+            raise UserError(f"cannot bind {host}: {exc.strerror} (an address of this machine, 127.0.0.1 or 0.0.0.0)") \
+                from None
         self.http_port = http_port or next(free)
         self.grpc_port = grpc_port or next(free)
         self.metrics_port = metrics_port or next(free)
@@ -349,7 +359,7 @@ def serve(repository, host: str = "127.0.0.1", http_port: int = 8000, grpc_port:
         with server.start(timeout):
             print(f"Triton Inference Server {server.version} serving {', '.join(server.models)} "
                   f"from {server.repository}", flush=True)
-            print(f"  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
+            print(f"  HTTP     http://{server.http_url}\n  gRPC     grpc://{server.grpc_url}   (detr-edge run --triton takes either URL)\n"
                   f"  metrics  {server.metrics_url}\n  log      {server.log_path}", flush=True)
             if server.skipped:
                 print("  not served by this tritonserver (NVIDIA's container has their backends): "

@@ -45,7 +45,10 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
     """A BGR image from a file's bytes (JPEG, PNG, ...), decoded as `read_image` reads one."""
     if not data:
         raise UserError(f"{what}: empty bytes, not an image")
-    frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # a header that claims more pixels than OPENCV_IO_MAX_IMAGE_PIXELS allows
+        raise UserError(f"{what}: an image larger than this decoder takes") from None
     if frame is None:
         raise UserError(f"{what}: {len(data)} bytes that OpenCV cannot decode as an image")
     return frame

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -391,5 +391,5 @@ def stream(model, source, conf: float = 0.5, backend: str = "auto", **options):
             print(result.source, result.index, result.detections["labels"])
     """
     from .backends import load_backend
-    engine = load_backend(model, backend) if isinstance(model, (str, Path)) else model  # a Backend already
+    engine = load_backend(model, backend) if isinstance(model, (str, os.PathLike)) else model  # a Backend already
     return Stream(engine, source, conf, **options)

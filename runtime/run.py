@@ -3,6 +3,7 @@ backend only; never torch)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import threading
@@ -41,7 +42,7 @@ def run(model, sources, backend: str = "auto", conf: float = 0.5, classes: str |
     count = len(sources) if isinstance(sources, (list, tuple)) else 1
     if save and count > 1 and Path(save).suffix.lower() in VIDEO_SUFFIXES:
         raise UserError(f"--save {save}: with {count} sources, a folder (one video per source), not a file")
-    with load_backend(model, backend) if isinstance(model, (str, Path)) else contextlib.nullcontext(model) as engine:
+    with load_backend(model, backend) if isinstance(model, (str, os.PathLike)) else contextlib.nullcontext(model) as engine:
         stream = Stream(engine, sources, check_conf(conf), class_filter(classes, engine.classes), max_frames,
                         timeout=timeout, batch=batch, strict=strict, track=track, reconnect=reconnect)
         return _run(engine, stream, show, save, jsonl, quiet)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,8 @@ class TritonPythonModel:
 
     def initialize(self, args: dict) -> None:
         self.pb = importlib.import_module("triton_python_backend_utils")  # only inside Triton's stub
+        # a few bytes of PNG header can claim a gigapixel: refuse past 64 MP (OpenCV reads this once)
+        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 26))
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         artifact = Path(args["model_repository"]) / args["model_version"] / params["artifact"]
@@ -101,8 +104,8 @@ class TritonPythonModel:
             try:
                 images = frames_of(*(_input(pb, request, name) for name in INPUTS))
                 conf = check_conf(float(json.loads(request.parameters() or "{}").get("conf", self.conf)))
-            except (UserError, ValueError) as exc:
-                responses[i] = pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc)))
+            except Exception as exc:  # this request's fault (no image, bad bytes): the others go on
+                responses[i] = pb.InferenceResponse(output_tensors=[], error=pb.TritonError(str(exc) or repr(exc)))
                 continue
             spans.append((i, len(frames), len(images), conf))
             frames += images

@@ -3,6 +3,7 @@ tritonserver on 127.0.0.1): real photos over HTTP and gRPC give the local runtim
 detections; malformed requests get errors and the server serves the next one; 16
 concurrent clients lose nothing; `run --triton` streams a video as the local runtime does."""
 import json
+import signal
 import threading
 
 import numpy as np
@@ -118,32 +119,83 @@ def test_malformed_requests_get_errors_and_the_server_serves_the_next(server, co
     client.close()
 
 
-def test_sixteen_concurrent_clients_lose_nothing(server, coco_photos):
+def test_sixteen_concurrent_clients_lose_nothing_and_are_batched(server, coco_photos):
+    """Photos of four sizes and two thresholds at once: Triton batches requests of other sizes
+    together (ragged), and each answer is its own photo's at its own threshold."""
     import tritonclient.http as module
     photos = [np.frombuffer(p.read_bytes(), np.uint8)[None] for p in coco_photos[:4]]
     client = module.InferenceServerClient(server.http_url)
-    expected = [_infer(module, client, "encoded", p)[0] for p in photos]
+    expected = {(i, conf): _infer(module, client, "encoded", p, conf)[0] for i, p in enumerate(photos)
+                for conf in (0.3, 0.98)}
+    assert any(len(expected[i, 0.3]["scores"]) > len(expected[i, 0.98]["scores"]) for i in range(4))
+    before = client.get_inference_statistics("detr")["model_stats"][0]
     answers, errors = [], []
 
     def one_client(k: int) -> None:
-        own = module.InferenceServerClient(server.http_url)
+        own, conf = module.InferenceServerClient(server.http_url), (0.3, 0.98)[k % 2]
         for i in range(20):
             try:
-                answers.append((i % 4, _infer(module, own, "encoded", photos[i % 4])[0]))
+                answers.append(((i + k) % 4, conf, _infer(module, own, "encoded", photos[(i + k) % 4], conf)[0]))
             except Exception as exc:
                 errors.append(exc)
         own.close()
-    threads = [threading.Thread(target=one_client, args=(k,)) for k in range(16)]
+    refused = []
+
+    def bad_client() -> None:  # batched with the good ones: only its own requests fail
+        own = module.InferenceServerClient(server.http_url)
+        for _ in range(20):
+            try:
+                _infer(module, own, "encoded", np.frombuffer(b"no image here" * 50, np.uint8)[None])
+            except Exception as exc:
+                refused.append(exc)
+        own.close()
+    threads = [threading.Thread(target=one_client, args=(k,)) for k in range(16)] + [threading.Thread(target=bad_client)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors and len(answers) == 16 * 20
-    for i, found in answers:
-        _same(found, expected[i])
-    stats = client.get_inference_statistics("detr")["model_stats"][0]
-    assert stats["inference_count"] >= 16 * 20 and stats["execution_count"] < stats["inference_count"]  # batched
+    assert not errors and len(answers) == 16 * 20 and len(refused) == 20
+    for i, conf, found in answers:
+        _same(found, expected[i, conf])
+    after = client.get_inference_statistics("detr")["model_stats"][0]
+    inferences = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert inferences >= 16 * 20 and executions < inferences, (inferences, executions)  # batched
     client.close()
+
+
+def test_serve_runs_until_ctrl_c_and_leaves_nothing_running(server, tmp_path):
+    """`detr-edge serve` in the foreground: ready, answering, then Ctrl-C: exit 130, the
+    ports free again (its tritonserver gone)."""
+    import socket
+    import subprocess
+    import sys
+    import tritonclient.http as module
+
+    from conftest import ROOT
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    repository = server.repository
+    proc = subprocess.Popen([sys.executable, "-m", "detr_edge", "serve", str(repository), "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stdout:
+        if line.startswith("Ctrl-C to stop"):
+            break
+    client = module.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    assert client.is_model_ready("detr")
+    client.close()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))  # free: no server left behind
 
 
 def test_run_through_the_server_equals_the_local_run(server, tmp_path):

@@ -32,14 +32,15 @@ class TritonClient:
             raise UserError("--triton needs tritonclient: pip install 'tritonclient[http,grpc]'") from None
         self._module, self.model, self.name = client, model, f"{model} at {url}"
         self._options = {} if grpc else {"connection_timeout": timeout, "network_timeout": timeout}
+        self._call = {"client_timeout": timeout} if grpc else {}  # gRPC: a deadline per call
         self._address, self._local, self._clients = address, threading.local(), []
         try:
-            ready = self._client().is_model_ready(model)
+            ready = self._client().is_model_ready(model, **self._call)
         except Exception as exc:  # tritonclient's own exception types, per protocol
             raise UserError(f"{url}: no Triton server answers there ({_first_line(exc)})") from None
         if not ready:
             raise UserError(f"{url}: the server has no model {model!r} ready (deploy --triton writes 'detr')")
-        config = self._client().get_model_config(model, **({"as_json": True} if grpc else {}))
+        config = self._client().get_model_config(model, **({"as_json": True, **self._call} if grpc else {}))
         config = config.get("config", config)
         params = {k: v.get("string_value", v.get("stringValue", "")) for k, v in config.get("parameters", {}).items()}
         if "classes" not in params:
@@ -72,7 +73,7 @@ class TritonClient:
         tensor.set_data_from_numpy(np.ascontiguousarray(frames, np.uint8))
         try:
             result = self._client().infer(self.model, [tensor], outputs=[client.InferRequestedOutput(n) for n in OUTPUTS],
-                                        parameters={"conf": conf})
+                                        parameters={"conf": conf}, **self._call)
         except Exception as exc:
             raise UserError(f"{self.name}: {_first_line(exc)}") from None
         return unpack({name: result.as_numpy(name) for name in OUTPUTS})
