@@ -217,6 +217,11 @@ def test_sources_from_a_file_and_the_python_api(models, synthetic_video, tmp_pat
                  "--max-frames", "10"]) == 0
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert sorted((r["stream"], r["frame"]) for r in records) == [(k, i) for k in range(2) for i in range(10)]
+    # sources after options, as users write them
+    assert main(["run", str(models["dynamic"]), str(synthetic_video), "--max-frames", "4", "--jsonl",
+                 str(tmp_path / "mixed.jsonl"), str(synthetic_video)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "mixed.jsonl").read_text().splitlines()]
+    assert sorted((r["stream"], r["frame"]) for r in records) == [(k, i) for k in range(2) for i in range(4)]
     results = list(stream(models["dynamic"], [str(synthetic_video)] * 2, max_frames=5))
     assert sorted((r.stream, r.index) for r in results) == [(k, i) for k in range(2) for i in range(5)]
 
