@@ -224,12 +224,8 @@ def _engines(steps: Steps, artifacts: dict, precisions) -> dict:
 
 
 def _latency(engine, iters: int) -> dict:
-    import numpy as np
-
-    from detr_edge.runtime.bench import model_alone
-    frame = np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
-    times = model_alone(engine, frame, iters)
-    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
+    from detr_edge.runtime.bench import alone, noise_frame
+    return alone(engine, [noise_frame(engine)], iters)
 
 
 def _samples(reference, backends: list, val_data, folder: Path, count: int = 3, conf: float = 0.5) -> list[str]:

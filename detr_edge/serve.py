@@ -52,10 +52,10 @@ _NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVM
 
 
 def tritonserver_command(repository, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
-                         metrics_port: int | None = 8002,
+                         metrics_port: int = 8002,
                          shm_prefix: str | None = None) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """The argv and environment that start nvidia-pytriton's tritonserver on `repository`, bound to
-    `host` (metrics too; metrics_port None: no metrics), and the repository's models it cannot run
+    `host` (metrics too), and the repository's models it cannot run
     (name: the backend it lacks). `shm_prefix` names the Python backend's /dev/shm regions (a
     server that fails to start leaves them behind). Pure but for the symlinks it keeps in the
     cache folder (see `_backend_directory`)."""
@@ -87,12 +87,9 @@ def tritonserver_command(repository, host: str = "127.0.0.1", http_port: int = 8
             f"--grpc-address={host}", f"--grpc-port={grpc_port}"]
     if shm_prefix:
         argv.append(f"--backend-config=python,shm-region-prefix-name={shm_prefix}")
-    if metrics_port is None:
-        argv.append("--allow-metrics=false")
-    else:
-        argv += [f"--metrics-address={host}", f"--metrics-port={metrics_port}"]
-        if not Path("/proc/driver/nvidia/version").exists():  # no driver: skip the failing NVML/DCGM probe
-            argv.append("--allow-gpu-metrics=false")
+    argv += [f"--metrics-address={host}", f"--metrics-port={metrics_port}"]
+    if not Path("/proc/driver/nvidia/version").exists():  # no driver: skip the failing NVML/DCGM probe
+        argv.append("--allow-gpu-metrics=false")
     env = dict(os.environ)
     libs = [str(dist.parent.parent / "nvidia_pytriton.libs")]
     libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")

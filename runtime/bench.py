@@ -41,9 +41,9 @@ def bench(model, backend: str = "auto", iters: int = 100, source=None, max_frame
     if streams and first is None:
         raise UserError(f"--streams: {source} is live; the streams benchmark reads a file source N times")
     with load_backend(model, backend) as engine:
-        frame = first if first is not None else np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
+        frame = first if first is not None else noise_frame(engine)
         report = {"model": str(model), "backend": repr(engine), "iters": iters,
-                  "model_alone": _alone(engine, [frame], iters)}
+                  "model_alone": alone(engine, [frame], iters)}
         if source is not None:
             with Stream(engine, source, max_frames=max_frames) as run:
                 for _ in run:
@@ -65,7 +65,13 @@ def _first_frame(source) -> np.ndarray | None:
     return None if first is None else first[0]
 
 
-def _alone(engine, frames: list, iters: int) -> dict:
+def noise_frame(engine) -> np.ndarray:
+    """A frame of the model's input size (latency does not depend on the pixels)."""
+    return np.random.default_rng(0).integers(0, 255, (*engine.imgsz, 3), np.uint8)
+
+
+def alone(engine, frames: list, iters: int) -> dict:
+    """The model alone on `frames` as one batch: latency percentiles (ms) and images/s."""
     times = model_alone(engine, frames, iters)
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90)),
             "p99_ms": float(np.percentile(times, 99)), "fps": len(frames) * 1000 / statistics.mean(times)}
@@ -74,15 +80,15 @@ def _alone(engine, frames: list, iters: int) -> dict:
 def _streams(engine, frame, source, count: int, max_frames, iters: int, rounds: int) -> dict:
     """`count` copies of a file source: the model alone at batch `count`, one batched
     pipeline, and `count` single-stream pipelines sharing the model, run at once."""
-    alone, batched, singles = [], [], []
+    alone_fps, batched, singles = [], [], []
     for _ in range(rounds):
-        alone.append(_alone(engine, [frame] * count, iters)["fps"])
+        alone_fps.append(alone(engine, [frame] * count, iters)["fps"])
         with Stream(engine, [source] * count, max_frames=max_frames) as run:
             for _ in run:
                 pass
         batched.append(_figures([run], run.stats.started, run.stats.ended))
         singles.append(_singles(engine, source, count, max_frames))
-    row = {"streams": count, "rounds": rounds, "model_alone_fps": statistics.median(alone),
+    row = {"streams": count, "rounds": rounds, "model_alone_fps": statistics.median(alone_fps),
            "batched": _median(batched), "singles": _median(singles)}
     row["batched_vs_model"] = row["batched"]["fps"] / row["model_alone_fps"]
     row["batched_vs_singles"] = row["batched"]["fps"] / row["singles"]["fps"]

@@ -149,8 +149,8 @@ class Stream:
         if batch is not None and batch < 1:
             raise UserError(f"--batch {batch}: at least 1")
         if track:  # the tracker library is there, before any source opens
-            from .track import Tracker
-            Tracker(30.0)
+            from .track import library
+            library()
         self.stats = Stats(sources=[SourceStats(_name(s)) for s in specs])
         opened = _open_all(specs, timeout, reconnect, strict)
         for i, item in enumerate(opened):
@@ -220,17 +220,15 @@ class Stream:
                 if gap:
                     feed.stats.reconnects += 1
                     feed.stats.gap_s += gap
-                packet = (feed.index, item[1], item[0], captured, gap)
-                feed.index += 1
                 with self._ready:
                     if feed.source.live and len(feed.frames) >= feed.capacity:  # newest frame wins
                         gap += feed.frames.popleft()[4]  # and keeps a dropped frame's gap
                         feed.stats.dropped += 1
-                        packet = packet[:4] + (gap,)
                     while len(feed.frames) >= feed.capacity and not self._stop.is_set():
                         self._ready.wait(0.1)
-                    feed.frames.append(packet)
+                    feed.frames.append((feed.index, item[1], item[0], captured, gap))
                     self._ready.notify_all()
+                feed.index += 1
         except Exception as exc:
             if self._fatal:
                 raise
@@ -248,14 +246,14 @@ class Stream:
                 if self._stop.is_set() or all(feed.done for feed in self._feeds):
                     return []
                 self._ready.wait(0.1)
-            count = len(self._feeds)
-            order = [self._feeds[(self._next + k) % count] for k in range(count)]
+            count, start = len(self._feeds), self._next
+            order = [self._feeds[(start + k) % count] for k in range(count)]
             picked = []
             while len(picked) < self.batch and any(feed.frames for feed in order):
-                for feed in order:
+                for k, feed in enumerate(order):
                     if feed.frames and len(picked) < self.batch:
                         picked.append((feed, feed.frames.popleft()))
-                        self._next = (self._feeds.index(feed) + 1) % count
+                        self._next = (start + k + 1) % count
             self._ready.notify_all()  # room in the queues: file captures go on
             return picked
 

@@ -32,13 +32,15 @@ def class_filter(text: str | None, classes: list[str]) -> set[int] | None:
     return wanted
 
 
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v")
+
+
 def run(model, sources, backend: str = "auto", conf: float = 0.5, classes: str | None = None, show: bool = False,
         save: str | None = None, jsonl: str | None = None, max_frames: int | None = None, quiet: bool = False,
         timeout: float = 10.0, batch: int | None = None, strict: bool = False, track: bool = False,
         reconnect: float | None = None):
     """`model`: a file, or a Backend (or a served model's TritonClient) already loaded, left
-    open. `sources`: one, or a list
-    (then `save` is a folder that gets one video per source)."""
+    open. `sources`: one, or a list (then `save` is a folder that gets one video per source)."""
     count = len(sources) if isinstance(sources, (list, tuple)) else 1
     if save and count > 1 and Path(save).suffix.lower() in VIDEO_SUFFIXES:
         raise UserError(f"--save {save}: with {count} sources, a folder (one video per source), not a file")
@@ -46,9 +48,6 @@ def run(model, sources, backend: str = "auto", conf: float = 0.5, classes: str |
         stream = Stream(engine, sources, check_conf(conf), class_filter(classes, engine.classes), max_frames,
                         timeout=timeout, batch=batch, strict=strict, track=track, reconnect=reconnect)
         return _run(engine, stream, show, save, jsonl, quiet)
-
-
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v")
 
 
 def video_names(names: list[str]) -> list[str]:

@@ -17,6 +17,18 @@ from .errors import UserError
 INSTALL = "--track needs the trackers package (Python 3.10+): pip install 'detr-edge[track]'"
 
 
+def library():
+    """(supervision.Detections, trackers.ByteTrackTracker), or the one line that says how to
+    install them: called before a run opens its sources, and by each Tracker."""
+    try:
+        from supervision import Detections
+        from trackers import ByteTrackTracker
+    except ImportError:
+        raise UserError(INSTALL if sys.version_info >= (3, 10) else
+                        f"{INSTALL}; this is Python {sys.version_info[0]}.{sys.version_info[1]}") from None
+    return Detections, ByteTrackTracker
+
+
 class Tracker:
     """ByteTrack over the runtime's detections dicts, for one source: ids start at 0 and
     never repeat within it (trackers >= 2.6 counts per instance, not per process)."""
@@ -25,12 +37,7 @@ class Tracker:
         """fps: the source's frame rate (0 or NaN, as some cameras report: 30). lost_seconds:
         how long a track the detector misses keeps its id. options: ByteTrackTracker's own
         (track_activation_threshold, high_conf_det_threshold, minimum_iou_threshold, ...)."""
-        try:
-            from supervision import Detections
-            from trackers import ByteTrackTracker
-        except ImportError:
-            raise UserError(INSTALL if sys.version_info >= (3, 10) else
-                            f"{INSTALL}; this is Python {sys.version_info[0]}.{sys.version_info[1]}") from None
+        Detections, ByteTrackTracker = library()
         fps = float(fps) if fps and math.isfinite(fps) and fps > 0 else 30.0
         # the buffer is counted in frames at 30 fps, scaled by the library to frame_rate
         options.setdefault("lost_track_buffer", max(1, round(30 * lost_seconds)))

@@ -46,13 +46,12 @@ def pack(detections: list[dict], rows: int) -> dict:
     count = len(detections)
     out = {"num_detections": np.zeros((count, 1), np.int32), "scores": np.zeros((count, rows), np.float32),
            "labels": np.full((count, rows), -1, np.int32), "boxes": np.zeros((count, rows, 4), np.float32)}
-    for i, found in enumerate(detections):
-        order = np.argsort(-found["scores"], kind="stable")[:rows]
-        n = len(order)
+    for i, found in enumerate(detections):  # sorted by score already (runtime.postprocess)
+        n = min(len(found["scores"]), rows)
         out["num_detections"][i, 0] = n
-        out["scores"][i, :n] = found["scores"][order]
-        out["labels"][i, :n] = found["labels"][order]
-        out["boxes"][i, :n] = found["boxes"][order]
+        out["scores"][i, :n] = found["scores"][:n]
+        out["labels"][i, :n] = found["labels"][:n]
+        out["boxes"][i, :n] = found["boxes"][:n]
     return out
 
 
