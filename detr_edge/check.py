@@ -22,10 +22,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from detr_edge.runtime.backends import ENGINE_SUFFIXES, load_backend
-from detr_edge.runtime.coco import Images, coco_metrics, to_coco_results
+from detr_edge.runtime.coco import Images, coco_metrics, match_boxes, to_coco_results
 from detr_edge.runtime.errors import UserError
 from detr_edge.runtime.io import atomic_path, read_image, write_json
 from detr_edge.runtime.postprocess import check_conf
@@ -60,16 +59,6 @@ def load_reference(path, device: str = "cpu"):
     return TorchBackend(path, device)
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every xyxy box of `a` [N,4] with every one of `b` [M,4] -> [N,M]."""
-    low = np.maximum(a[:, None, :2], b[None, :, :2])
-    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(high - low, 0, None), axis=-1)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
 class Comparison:
     """Running statistics of one model against the reference."""
 
@@ -99,16 +88,10 @@ class Comparison:
     def add_detections(self, det: dict, ref: dict, iou_threshold: float) -> None:
         self.reference += len(ref["scores"])
         self.candidate += len(det["scores"])
-        if not len(det["scores"]) or not len(ref["scores"]):
-            return
-        iou = box_iou(ref["boxes"].astype(np.float64), det["boxes"].astype(np.float64))
-        iou[ref["labels"][:, None] != det["labels"][None, :]] = 0.0
-        rows, cols = linear_sum_assignment(-iou)
-        for r, c in zip(rows, cols):
-            if iou[r, c] >= iou_threshold:
-                self.matched += 1
-                self.ious.append(float(iou[r, c]))
-                self.score_deltas.append(float(det["scores"][c]) - float(ref["scores"][r]))
+        rows, cols, ious = match_boxes(ref["boxes"], ref["labels"], det["boxes"], det["labels"], iou_threshold)
+        self.matched += len(rows)
+        self.ious += ious.tolist()
+        self.score_deltas += (det["scores"][cols].astype(np.float64) - ref["scores"][rows]).tolist()
 
     def summary(self) -> dict:
         tensors = {name: {"max_abs": s["max_abs"], "mean_abs": s["sum_abs"] / max(s["count"], 1),

@@ -19,8 +19,8 @@ from .cli import main as cli
 # The demo recipe (docs/training.md has the measurements behind it).
 TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "4e-4",
          "--lr-backbone", "4e-4", "--warmup", "200", "--groups", "4", "--zoom", "0", "--class-weight", "2",
-         "--encoder-head", "4", "--backbone-head", "layer3", "--time-drop", "0.85", "--ema", "0.95", "--epochs", "100",
-         "--eval-every", "2", "--save-every", "500"]
+         "--encoder-head", "4", "--backbone-head", "layer3", "--max-steps", "1000", "--drop-at", "0.85", "--ema", "0.95",
+         "--epochs", "100", "--eval-every", "2", "--save-every", "500"]
 
 
 REAL_VIDEO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "video" / "one-by-one-person-detection.mp4"
@@ -32,8 +32,8 @@ def run(out: Path, minutes: float) -> int:
     deployed = out / "deploy"
     onnx = deployed / "model.onnx"
     steps = []
-    if not (data / "annotations" / "instances_val.json").exists():
-        steps.append(["data", "synth", str(data), "--imgsz", "128", "--max-objects", "3"])
+    if not (data / "annotations" / "instances_cameras.json").exists():
+        steps.append(["data", "synth", str(data), "--imgsz", "128", "--max-objects", "3"])  # in cameras' shapes
     if checkpoint.exists():
         print(f"reusing the finished demo checkpoint {checkpoint} (delete {run_dir} to train again)")
     else:
@@ -47,8 +47,9 @@ def run(out: Path, minutes: float) -> int:
               ["queries", str(checkpoint), "--data", str(data), "--conf", "0.3", "--out", str(out / "queries")],
               ["deploy", str(checkpoint), "--out", str(deployed), "--precision", "fp32,fp16,int8",
                "--calib-data", str(data / "train"), "--calib-samples", "128",
-               "--val-data", str(data / "annotations" / "instances_val.json"), "--triton"]]
-    videos = [data / "shapes.mp4"] + ([REAL_VIDEO] if REAL_VIDEO.exists() else [])
+               # checked on the deployment's geometry: frames of real cameras' shapes, letterboxed
+               "--val-data", str(data / "annotations" / "instances_cameras.json"), "--triton"]]
+    videos = sorted(data.glob("shapes*.mp4")) + ([REAL_VIDEO] if REAL_VIDEO.exists() else [])
     steps += [["run", str(onnx), str(video), "--save", str(out / "stream" / f"{video.stem}.mp4"),
                "--jsonl", str(out / "stream" / f"{video.stem}.jsonl")] for video in videos]
     for step in steps:

@@ -50,11 +50,16 @@ def register(sub) -> None:
             ("class-weight", float, "weight of the class term in the loss and the matching cost, default 1 "
                                     "(the paper's); 2 doubled AP50 of the 15-minute demo recipe"),
             ("groups", int, "Group DETR query groups for faster convergence (training only), default 1"),
+            ("denoise", int, "contrastive denoising queries per image (DN-DETR, DINO; DINO's 100): noised "
+                             "ground truth the decoder learns to reconstruct (training only), default 0"),
             ("eval-every", int, "epochs between COCO evaluations (0: only at the end), default 1"),
             ("save-every", int, "steps between last.pth writes, default 200"),
             ("time-limit", float, "minutes; stop, evaluate and save when reached"),
-            ("time-drop", float, "with --time-limit: drop the learning rate x0.1 once this share of the time "
-                                 "has passed (e.g. 0.85), so a time-bounded run ends in its fine phase"),
+            ("max-steps", int, "steps in all (a resumed run counts its earlier ones); stop, evaluate and save "
+                               "when reached"),
+            ("drop-at", float, "drop the learning rate x0.1 once this share of --max-steps or of --time-limit, "
+                               "whichever ends first, has passed (e.g. 0.85), so a bounded run ends in its "
+                               "fine phase on a slow machine as on a fast one"),
             ("workers", int, "data loader processes, default 1"), ("seed", int, "default 42")]:
         p.add_argument(f"--{name}", type=kind, help=help_text)
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false", default=None)
@@ -117,6 +122,10 @@ def register(sub) -> None:
     p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
     p.add_argument("--imgsz", default="192", help="image size H x W or S (default 192)")
     p.add_argument("--max-objects", type=int, default=5, help="objects per image: 1 to this (default 5)")
+    p.add_argument("--aspects", metavar="W:H,...",
+                   help="frame shapes of the training images and of the 'cameras' split, in turn "
+                        "(default 1:1,4:3,16:9,3:4,9:16: real cameras' shapes, the long side --imgsz's); "
+                        "none: every image at --imgsz, no 'cameras' split")
     p.add_argument("--video-frames", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
@@ -214,8 +223,20 @@ def _queries(args) -> None:
 def _synth(args) -> None:
     from detr_edge.runtime.metadata import parse_imgsz
 
+    from detr_edge.runtime.errors import UserError
+    from detr_edge.runtime.coco import CAMERA_ASPECTS
     from detr_edge.train.synth import synthesize
 
+    aspects = CAMERA_ASPECTS
+    if args.aspects == "none":
+        aspects = None
+    elif args.aspects:
+        try:
+            aspects = tuple(tuple(int(v) for v in a.split(":")) for a in args.aspects.split(","))
+        except ValueError:
+            aspects = ()
+        if not aspects or any(len(a) != 2 or min(a) < 1 for a in aspects):
+            raise UserError(f"--aspects {args.aspects}: expected W:H pairs such as 16:9,3:4, or none")
     paths = synthesize(args.out, args.train, args.val, parse_imgsz(args.imgsz), args.video_frames, args.seed,
-                       args.max_objects)
-    log.info("wrote %s, %s and %s", *paths.values())
+                       args.max_objects, aspects)
+    log.info("wrote %s", ", ".join(map(str, paths.values())))

@@ -19,6 +19,8 @@ from .errors import UserError
 from .io import coco_image_folder
 from .sources import IMAGE_SUFFIXES
 
+# frame shapes (width : height) of real cameras: square, 4:3, 16:9 and both portraits
+CAMERA_ASPECTS = ((1, 1), (4, 3), (16, 9), (3, 4), (9, 16))
 METRICS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
            "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
 
@@ -134,3 +136,63 @@ def coco_metrics(coco_gt, results: list[dict]) -> dict:
         evaluator.summarize()
     # COCOeval reports -1 where a size range has no ground truth
     return {name: float(max(v, 0.0)) for name, v in zip(METRICS, evaluator.stats)}
+
+
+def aspect_name(height: int, width: int) -> str:
+    """The nearest CAMERA_ASPECTS name of a frame ('16:9', '3:4', ...): its shape class."""
+    w, h = min(CAMERA_ASPECTS, key=lambda a: abs(np.log(a[0] * height / (a[1] * width))))
+    return f"{w}:{h}"
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every xyxy box of `a` [N,4] with every one of `b` [M,4] -> [N,M]."""
+    low = np.maximum(a[:, None, :2], b[None, :, :2])
+    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(high - low, 0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def match_boxes(ref_boxes, ref_labels, boxes, labels, iou_threshold: float):
+    """One-to-one matching of boxes to reference boxes of the same label, maximising the
+    total IoU (scipy's linear_sum_assignment) -> (reference rows, box columns, IoUs) of the
+    pairs at IoU >= iou_threshold."""
+    from scipy.optimize import linear_sum_assignment
+    if not len(ref_boxes) or not len(boxes):
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0)
+    iou = box_iou(np.asarray(ref_boxes, np.float64), np.asarray(boxes, np.float64))
+    iou[np.asarray(ref_labels)[:, None] != np.asarray(labels)[None, :]] = 0.0
+    rows, cols = linear_sum_assignment(-iou)
+    keep = iou[rows, cols] >= iou_threshold
+    return rows[keep], cols[keep], iou[rows[keep], cols[keep]]
+
+
+def recall_by_aspect(coco_gt, results: list[dict], conf: float = 0.5, iou: float = 0.5) -> dict:
+    """Per frame shape (aspect_name) of a dataset's images: how many objects the detections
+    at score >= conf find at IoU >= iou, one-to-one and of the right class, and how well
+    -> {'16:9': {'images', 'objects', 'recall', 'mean_iou'}, ...}. What COCO's AP averages
+    over shapes, this keeps apart: a model whose boxes shrink on letterboxed frames shows here."""
+    by_image: dict[int, list] = {}
+    for r in results:
+        if r["score"] >= conf:
+            by_image.setdefault(r["image_id"], []).append(r)
+    groups: dict[str, dict] = {}
+    for image_id, info in coco_gt.imgs.items():
+        truth = [a for a in coco_gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        found = by_image.get(image_id, [])
+        _, _, ious = match_boxes(_xyxy([a["bbox"] for a in truth]), [a["category_id"] for a in truth],
+                                 _xyxy([r["bbox"] for r in found]), [r["category_id"] for r in found], iou)
+        group = groups.setdefault(aspect_name(info["height"], info["width"]), {"images": 0, "objects": 0, "ious": []})
+        group["images"] += 1
+        group["objects"] += len(truth)
+        group["ious"] += list(ious)
+    return {name: {"images": g["images"], "objects": g["objects"], "recall": len(g["ious"]) / max(g["objects"], 1),
+                   "mean_iou": float(np.mean(g["ious"])) if g["ious"] else 0.0}
+            for name, g in sorted(groups.items(), key=lambda item: -item[1]["images"])}
+
+
+def _xyxy(xywh) -> np.ndarray:
+    boxes = np.asarray(xywh, np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1)

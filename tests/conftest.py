@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 COCO_TINY = SHARED_DATA / "coco-tiny"
 sys.path.insert(0, str(ROOT))
+# the trained model of `make demo` (absent from a fresh clone: the tests that need it skip)
+DEMO_CHECKPOINT = Path(os.environ.get("DETR_EDGE_DEMO_CHECKPOINT", ROOT / "demo-out" / "train" / "best.pth"))
+DEMO_MISSING = (f"no demo model at {DEMO_CHECKPOINT}: `make demo` trains it (15 min), or set "
+                "DETR_EDGE_DEMO_CHECKPOINT")
+needs_demo_model = pytest.mark.skipif(not DEMO_CHECKPOINT.exists(), reason=DEMO_MISSING)
 
 # prelude of subprocess scripts that prove the runtime needs no torch: importing it fails
 NO_TORCH = """

@@ -1,10 +1,8 @@
 """calibration/: samples, the two Q/DQ flavours (TensorRT's parser rules walked node by
 node), the TensorRT cache and calibrator, the sensitivity search, the `calibrate` command."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,7 +20,7 @@ from detr_edge.runtime.preprocess import preprocess
 from detr_edge.train.config import checkpoint_config
 from detr_edge.train.synth import synthesize
 
-from conftest import NO_TORCH, ROOT, sharp_model, small_config
+from conftest import DEMO_CHECKPOINT, NO_TORCH, ROOT, needs_demo_model, sharp_model, small_config
 
 SMALL = small_config()
 SPEC = preprocess_spec((128, 128))
@@ -272,11 +270,7 @@ def test_report_lists_each_file_with_its_size_exclusions_and_ap(calibrated):
     assert "| m.int8-cpu.onnx |" in (calibrated / "m.int8.report.md").read_text()
 
 
-DEMO_CHECKPOINT = Path(os.environ.get("DETR_EDGE_DEMO_CHECKPOINT", ROOT / "demo-out" / "train" / "best.pth"))
-
-
-@pytest.mark.skipif(not DEMO_CHECKPOINT.exists(), reason=f"no demo model at {DEMO_CHECKPOINT}: `make demo` trains it "
-                                                         "(15 min), or set DETR_EDGE_DEMO_CHECKPOINT")
+@needs_demo_model
 def test_default_int8_is_within_a_point_of_pytorch_on_the_demo_model(tmp_path):
     """The AP bound, on a model that detects: both flavours within 1.0 AP of the FP32 file
     (itself equal to PyTorch, tests/test_export.py) on the demo's annotated val images."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision.ops import box_convert
 
+from detr_edge.cli import main
 from detr_edge.runtime.errors import UserError
 from detr_edge.runtime.metadata import preprocess_spec
 from detr_edge.runtime.preprocess import preprocess
@@ -120,3 +121,18 @@ def test_synth_is_deterministic_and_well_formed(tmp_path):
     assert dataset.num_classes == len(CLASSES) + 1  # id 0 unused: max id + 1
     video = cv2.VideoCapture(str(a["video"]))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 12 and video.read()[1].shape == (240, 320, 3)
+
+
+def test_synth_cameras_come_in_the_shapes_of_real_cameras(tmp_path):
+    from detr_edge.runtime.coco import CAMERA_ASPECTS, aspect_name
+    paths = synthesize(tmp_path, train=10, val=5, size=(128, 128), video_frames=3, seed=3, aspects=CAMERA_ASPECTS)
+    shapes = {split: [(im["height"], im["width"]) for im in json.loads(paths[split].read_text())["images"]]
+              for split in ("train", "val", "cameras")}
+    assert shapes["train"] == [(128, 128), (96, 128), (72, 128), (128, 96), (128, 72)] * 2  # the long side kept
+    assert shapes["cameras"] == shapes["train"][:5] and shapes["val"] == [(128, 128)] * 5
+    assert [aspect_name(h, w) for h, w in shapes["cameras"]] == ["1:1", "4:3", "16:9", "3:4", "9:16"]
+    assert aspect_name(720, 1280) == "16:9" and aspect_name(1080, 1440) == "4:3" and aspect_name(2000, 1000) == "9:16"
+    for name, size in (("shapes-16x9", (180, 320)), ("shapes-9x16", (320, 180))):
+        video = cv2.VideoCapture(str(tmp_path / f"{name}.mp4"))
+        assert video.read()[1].shape[:2] == size and (tmp_path / f"{name}.gt.txt").stat().st_size
+    assert main(["data", "synth", str(tmp_path / "x"), "--aspects", "16:9,0:1"]) == 2

@@ -3,6 +3,7 @@ assignment, their loss terms, and that they leave the model's outputs untouched.
 import torch
 
 from detr_edge.train.criterion import SetCriterion
+from detr_edge.train.data import pad_targets
 from detr_edge.train.dense_head import DenseHead, assign_cells
 
 
@@ -32,6 +33,13 @@ def test_box_centres_are_predicted_relative_to_their_cell():
     torch.testing.assert_close(out["pred_boxes"][..., :2], out["centres"], atol=1e-6, rtol=0)
 
 
+def per_image(out, targets):
+    """The batched assignment as per image (cell indices, target indices)."""
+    _, boxes, present = pad_targets(targets)
+    assigned, positive = assign_cells(out["centres"], out["valid"], boxes, present)
+    return [(p.nonzero()[:, 0], a[p]) for a, p in zip(assigned, positive)]
+
+
 def test_assignment_inside_boxes_nearest_cell_and_smallest_box():
     _, out = head_on_half_padded_grid()
     targets = [{"labels": torch.tensor([0, 1, 2]),
@@ -39,7 +47,7 @@ def test_assignment_inside_boxes_nearest_cell_and_smallest_box():
                                        [0.6, 0.3, 0.05, 0.05],     # B: holds no cell centre
                                        [0.5, 0.5, 1.0, 1.0]])},    # C: the whole image
                {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
-    (cells, tgt), (empty_cells, empty_tgt) = assign_cells(out["centres"], out["valid"], targets)
+    (cells, tgt), (empty_cells, empty_tgt) = per_image(out, targets)
     # cell index = 4 * row + column; padded cells (columns 2, 3) never learn a box, even inside C;
     # B takes its nearest cell (row 1, column 1) from the larger C
     assert dict(zip(cells.tolist(), tgt.tolist())) == {0: 0, 4: 0, 8: 0, 12: 0, 1: 2, 5: 1, 9: 2, 13: 2}
@@ -56,7 +64,7 @@ def test_criterion_adds_the_encoder_terms_with_the_set_loss_weights():
     losses = criterion({**out, "dense_outputs": {"enc": enc}}, targets)
     weights = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
     assert torch.isclose(losses["loss"], plain["loss"] + sum(w * losses[k + "_enc"] for k, w in weights.items()))
-    cells = assign_cells(enc["centres"], enc["valid"], targets)
+    cells = per_image(enc, targets)
     positives = sum(len(c) for c, _ in cells)
     expected = sum((enc["pred_boxes"][b, c] - targets[b]["boxes"][t]).abs().sum() for b, (c, t) in enumerate(cells))
     assert positives and torch.isclose(losses["loss_bbox_enc"], expected / positives)

@@ -1,7 +1,5 @@
 """`detr-edge explain` and `detr-edge queries`: the paper's attention and query figures."""
 import json
-import os
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,7 +18,7 @@ from detr_edge.train.explain import AttentionRecorder, explain
 from detr_edge.train.predict import predict_frames
 from detr_edge.train.synth import scene, synthesize
 
-from conftest import ROOT, sharp_model, small_config
+from conftest import DEMO_CHECKPOINT, needs_demo_model, sharp_model, small_config
 
 SMALL = small_config()
 SPEC = preprocess_spec((128, 128))
@@ -120,12 +118,7 @@ def test_queries_plot_has_a_panel_per_slot_and_counts_add_up(work, tmp_path):
     assert cv2.imread(str(out / "queries.png")) is not None
 
 
-DEMO_CHECKPOINT = Path(os.environ.get("DETR_EDGE_DEMO_CHECKPOINT", ROOT / "demo-out" / "train" / "best.pth"))
-
-
-@pytest.mark.skipif(not DEMO_CHECKPOINT.exists(),
-                    reason=f"no demo model at {DEMO_CHECKPOINT}: `make demo` trains it (15 min), or set "
-                           "DETR_EDGE_DEMO_CHECKPOINT")
+@needs_demo_model
 def test_detecting_query_attends_to_its_object_on_the_demo_model():
     """On one-object scenes the demo model detects (IoU >= 0.5), the hottest cell of the
     detecting query's cross-attention (32 x 32 px at 128 px) overlaps the object's box far

@@ -110,3 +110,25 @@ def test_presets_and_config_validation():
         preset("yolo")
     with pytest.raises(UserError, match="unknown model config keys"):
         DETRConfig.from_dict({"colour": 3})
+
+
+def test_training_folds_frozen_batchnorm_into_the_convolutions_with_the_same_function_and_keys():
+    """In training the convolutions apply their frozen BatchNorm (one pass fewer); in eval
+    mode, which export traces, the two stay apart: the same outputs either way, the same keys."""
+    from torchvision.ops import FrozenBatchNorm2d
+    from detr_edge.train.backbone import FoldingConv2d
+    torch.manual_seed(0)
+    model = DETR(TINY)
+    for module in model.modules():  # statistics away from the identity, so the fold matters
+        if isinstance(module, FrozenBatchNorm2d):
+            for name in ("weight", "bias", "running_mean"):
+                getattr(module, name).normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    folded = [m for m in model.modules() if isinstance(m, FoldingConv2d)]
+    assert len(folded) == 20  # ResNet-18: the stem, 16 block convolutions, 3 downsamples
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        train, evaluated = model.train()(x), model.eval()(x)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(train[key], evaluated[key], rtol=1e-4, atol=1e-5)
+    assert set(model.state_dict()) == set(DETR(TINY).state_dict())

@@ -1,11 +1,9 @@
 """`run --track`: runtime/track.py's ids against the synthetic video's true tracks, scored
 with the MOTChallenge metrics (tests/mot.py): a simulated detector always, the trained demo
 model when it is here. The thresholds are checked to fail trackers that are broken."""
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 
 from detr_edge.train.synth import read_tracks, write_video
 
-from conftest import NO_TORCH, ROOT
+from conftest import DEMO_CHECKPOINT, DEMO_MISSING, NO_TORCH, ROOT
 from mot import evaluate, oracle_ids
 
 FRAMES, SIZE, FPS = 240, (240, 320), 15
@@ -135,15 +133,11 @@ def test_tracker_needs_no_torch_and_says_how_to_install_itself():
     assert proc.returncode == 0 and proc.stdout.strip() == "[[], [0], [0]]", proc.stderr  # confirmed on frame 2
 
 
-DEMO_CHECKPOINT = Path(os.environ.get("DETR_EDGE_DEMO_CHECKPOINT", ROOT / "demo-out" / "train" / "best.pth"))
-
-
 @pytest.fixture(scope="module")
 def demo_backend(tmp_path_factory):
     """The trained demo model exported to ONNX, through the runtime's ONNX Runtime backend."""
     if not DEMO_CHECKPOINT.exists():
-        pytest.skip(f"no demo model at {DEMO_CHECKPOINT}: `make demo` trains it (15 min), "
-                    "or set DETR_EDGE_DEMO_CHECKPOINT")
+        pytest.skip(DEMO_MISSING)
     from detr_edge.cli import main
     from detr_edge.runtime.backends import load_backend
     out = tmp_path_factory.mktemp("demo") / "m.onnx"

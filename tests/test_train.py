@@ -213,7 +213,7 @@ def test_dense_heads_train_beside_the_model_and_stay_out_of_its_weights(shapes, 
 def test_time_drop_lowers_the_learning_rate_once_and_a_resume_keeps_it(shapes, tmp_path):
     out = tmp_path / "drop"
     assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1000", "--eval-every", "0",
-                 "--lr", "1e-4", "--time-limit", "0.2", "--time-drop", "0.5"]) == 0
+                 "--lr", "1e-4", "--time-limit", "0.2", "--drop-at", "0.5"]) == 0
     lrs = [float(row["lr"]) for row in read_csv(out / "metrics.csv")]
     dropped = lrs.index(1e-5)  # rows hold the rate each step trained with
     assert 0 < dropped < len(lrs) and set(lrs[:dropped]) == {1e-4} and set(lrs[dropped:]) == {1e-5}
@@ -223,23 +223,42 @@ def test_time_drop_lowers_the_learning_rate_once_and_a_resume_keeps_it(shapes, t
     assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
                  "--epochs", str(saved["epoch"] + 2), "--eval-every", "0"]) == 0
     assert {float(row["lr"]) for row in read_csv(out / "metrics.csv")[len(lrs):]} == {1e-5}
-    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--time-drop", "0.8")
+    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--drop-at", "0.8")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == (
-        "detr-edge: error: --time-drop 0.8: needs --time-limit and a share between 0 and 1")
+        "detr-edge: error: --drop-at 0.8: needs --time-limit or --max-steps and a share between 0 and 1")
+
+
+def test_max_steps_ends_the_run_and_drop_at_takes_its_share_of_them(shapes, tmp_path):
+    """6 steps per epoch here: --max-steps 9 stops inside the second epoch, evaluated and saved,
+    the rate dropped from step 6 on (0.6 of 9, rounded up: 5.4 -> 6); a resume with more steps
+    goes on to them, its drop where the new bound puts it."""
+    out = tmp_path / "steps"
+    assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "100", "--eval-every", "0",
+                 "--lr", "1e-4", "--max-steps", "9", "--drop-at", "0.6"]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert [float(row["lr"]) for row in rows] == [1e-4] * 6 + [1e-5] * 3
+    assert [row["step"] for row in read_csv(out / "eval.csv")] == ["9"]
+    saved = torch.load(out / "last.pth", weights_only=True)
+    assert (saved["global_step"], saved["epoch"], saved["step_in_epoch"]) == (9, 1, 3)
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
+                 "--max-steps", "20", "--drop-at", "0.6", "--eval-every", "0"]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert [int(row["step"]) for row in rows] == list(range(1, 21))
+    assert [float(row["lr"]) for row in rows[9:]] == [1e-4] * 3 + [1e-5] * 8  # 0.6 of 20: from step 12
 
 
 def test_weight_average_follows_its_ramped_decay_and_copies_batchnorm_counters():
     import math
-    from detr_edge.train.engine import weight_average
+    from detr_edge.train.engine import WeightAverage
     net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
-    decay, average = 0.9, weight_average(net, 0.9)
+    decay, average = 0.9, WeightAverage(net, 0.9)
     expected = None
     for step in range(1, 8):
         with torch.no_grad():
             net[0].weight.fill_(float(step))
         net(torch.randn(4, 2))  # a training forward: BatchNorm's statistics and counter move
-        average.update_parameters(net)
+        average.update(net)
         d = decay * (1 - math.exp(-(step - 1) * (1 - decay)))  # step 1 copies: d = 0
         expected = float(step) if expected is None else d * expected + (1 - d) * step
         assert torch.allclose(average.module[0].weight, torch.full((1, 2), expected)), step

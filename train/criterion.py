@@ -2,7 +2,9 @@
 eos_coef), L1 and GIoU on matched pairs normalised by the number of target boxes
 (averaged over processes under DDP), for the last decoder layer and, as auxiliary
 losses with their own matching, every intermediate one. With the training-only dense
-heads (`dense_outputs`), the same three terms on each one's one-to-many cell assignment."""
+heads (`dense_outputs`), the same three terms on each one's one-to-many cell assignment;
+with denoising queries (`denoising`, the last queries), the same three terms on their
+known targets, every decoder layer (the negatives and padding learn "no object")."""
 from __future__ import annotations
 
 import torch
@@ -11,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
+from .data import pad_targets
 from .dense_head import assign_cells
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, upload
 
 
 class SetCriterion(nn.Module):
@@ -31,12 +34,15 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight)
 
     @staticmethod
-    def _normaliser(count: int, device) -> float:
-        num = torch.tensor(float(count), device=device)
+    def _normaliser(count, device) -> torch.Tensor:
+        """The number of target boxes (an int, or a tensor on `device`), averaged over processes,
+        at least 1: a tensor, so that no step waits for the device to say it (the official
+        code's `.item()`)."""
+        num = count.float() if torch.is_tensor(count) else torch.full((), float(count), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num)
             num = num / dist.get_world_size()
-        return num.clamp(min=1).item()
+        return num.clamp(min=1)
 
     def _layer_losses(self, logits, boxes, targets, indices, num_boxes) -> dict:
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
@@ -53,6 +59,21 @@ class SetCriterion(nn.Module):
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou,
                 "_matched_logits": logits[batch_idx, src_idx], "_matched_labels": matched_labels}
 
+    def _dense_losses(self, dense: dict, labels, boxes, present) -> dict:
+        """The three terms on a dense head's one-to-many assignment, as masks over its cells:
+        what `_layer_losses` computes on index lists, without the host synchronisations that
+        listing each image's cells would take."""
+        assigned, positive = assign_cells(dense["centres"], dense["valid"], boxes, present)
+        classes = torch.where(positive, labels.gather(1, assigned), self.num_classes)
+        loss_ce = F.cross_entropy(dense["pred_logits"].transpose(1, 2), classes, self.empty_weight)
+        num = self._normaliser(positive.sum(), positive.device)
+        target = boxes.gather(1, assigned[..., None].expand(-1, -1, 4))
+        l1 = (dense["pred_boxes"] - target).abs().sum(-1)
+        giou = generalized_box_iou_loss(box_convert(dense["pred_boxes"], "cxcywh", "xyxy"),
+                                        box_convert(target, "cxcywh", "xyxy"))
+        return {"loss_ce": loss_ce, "loss_bbox": torch.where(positive, l1, 0).sum() / num,
+                "loss_giou": torch.where(positive, giou, 0).sum() / num}
+
     @torch.no_grad()
     def _logged(self, logits, matched_logits, matched_labels, targets) -> dict:
         """class_error (% of matched predictions with the wrong class) and cardinality_error
@@ -62,17 +83,21 @@ class SetCriterion(nn.Module):
         else:
             correct = torch.tensor(100.0, device=logits.device)
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
-        lengths = torch.tensor([float(len(t["labels"])) for t in targets], device=logits.device)
+        lengths = upload(torch.tensor([float(len(t["labels"])) for t in targets]), logits.device)
         return {"class_error": 100 - correct, "cardinality_error": F.l1_loss(predicted, lengths)}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
         """-> {'loss': weighted total, 'loss_ce', 'loss_bbox', 'loss_giou', 'class_error',
-        'cardinality_error', 'loss_ce_0', ... for each auxiliary layer, and 'loss_ce_enc',
-        'loss_ce_layer3', ... for each dense head}."""
+        'cardinality_error', 'loss_ce_0', ... for each auxiliary layer, 'loss_ce_dn', 'loss_ce_dn_0',
+        ... for the denoising queries, and 'loss_ce_enc', 'loss_ce_layer3', ... for each dense head}."""
         layers = [outputs] + (outputs["aux_outputs"] if self.aux_loss else [])
+        denoising = outputs.get("denoising")
+        matching = slice(None, -len(denoising.pos) if denoising is not None else None)
         # [layers * groups, B, N, ...]: every (layer, group) is matched in one matcher call
-        logits = torch.cat([o["pred_logits"].unflatten(1, (self.groups, -1)).transpose(0, 1) for o in layers])
-        boxes = torch.cat([o["pred_boxes"].unflatten(1, (self.groups, -1)).transpose(0, 1) for o in layers])
+        logits = torch.cat([o["pred_logits"][:, matching].unflatten(1, (self.groups, -1)).transpose(0, 1)
+                            for o in layers])
+        boxes = torch.cat([o["pred_boxes"][:, matching].unflatten(1, (self.groups, -1)).transpose(0, 1)
+                           for o in layers])
         indices = self.matcher(logits, boxes, targets)
         num_boxes = self._normaliser(sum(len(t["labels"]) for t in targets), logits.device)
         losses, total = {}, 0.0
@@ -85,10 +110,18 @@ class SetCriterion(nn.Module):
             for name, weight in self.weights.items():
                 losses[name + suffix] = losses.get(name + suffix, 0.0) + parts[name]  # summed over groups
                 total = total + weight * parts[name]
+        if denoising is not None:
+            known = slice(matching.stop, None)
+            for layer, o in enumerate(layers):
+                parts = self._layer_losses(o["pred_logits"][:, known], o["pred_boxes"][:, known], targets,
+                                           denoising.indices, num_boxes * denoising.groups)
+                suffix = "_dn" if layer == 0 else f"_dn_{layer - 1}"
+                for name, weight in self.weights.items():
+                    losses[name + suffix] = parts[name]
+                    total = total + weight * parts[name]
+        padded = pad_targets(targets) if "dense_outputs" in outputs else None
         for name, dense in outputs.get("dense_outputs", {}).items():
-            cells = assign_cells(dense["centres"], dense["valid"], targets)
-            parts = self._layer_losses(dense["pred_logits"], dense["pred_boxes"], targets, cells,
-                                       self._normaliser(sum(len(c) for c, _ in cells), logits.device))
+            parts = self._dense_losses(dense, *padded)
             for term, weight in self.weights.items():
                 losses[f"{term}_{name}"] = parts[term]
                 total = total + self.dense_weight * weight * parts[term]

@@ -172,3 +172,18 @@ def collate(batch):
         out[i, :, :h, :w] = image
         out_mask[i, :h, :w] = mask
     return out, out_mask, list(targets)
+
+
+def pad_targets(targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's targets as tensors padded to its fullest image's count T (at least 1):
+    labels [B,T], cxcywh boxes [B,T,4] (padding: a centred half-size box, a valid one),
+    valid [B,T]; on the targets' device, with no host synchronisation."""
+    count = max(1, *(len(t["labels"]) for t in targets))
+    device = targets[0]["boxes"].device
+    labels = torch.zeros(len(targets), count, dtype=torch.int64, device=device)
+    boxes = torch.full((len(targets), count, 4), 0.5, device=device)
+    valid = torch.zeros(len(targets), count, dtype=torch.bool, device=device)
+    for b, t in enumerate(targets):
+        n = len(t["labels"])
+        labels[b, :n], boxes[b, :n], valid[b, :n] = t["labels"], t["boxes"], True
+    return labels, boxes, valid

@@ -44,23 +44,17 @@ class DenseHead(nn.Module):
 
 
 @torch.no_grad()
-def assign_cells(centres: torch.Tensor, valid: torch.Tensor, targets: list[dict]):
-    """One-to-many assignment -> per image (cell indices, target indices): the valid cells
-    whose centre lies inside a box, plus the cell nearest each box centre; a cell inside
-    several boxes takes the smallest."""
-    indices = []
-    for b, t in enumerate(targets):
-        if not len(t["labels"]):
-            empty = torch.empty(0, dtype=torch.int64, device=centres.device)
-            indices.append((empty, empty))
-            continue
-        x1, y1, x2, y2 = box_convert(t["boxes"], "cxcywh", "xyxy").unbind(-1)
-        cx, cy = centres[b, :, :1], centres[b, :, 1:]
-        inside = (cx > x1) & (cx < x2) & (cy > y1) & (cy < y2)  # [cells, targets]
-        nearest = torch.cdist(t["boxes"][:, :2], centres[b]).masked_fill(~valid[b], float("inf")).argmin(1)
-        inside[nearest, torch.arange(len(nearest), device=inside.device)] = True
-        inside &= valid[b, :, None]
-        area = (t["boxes"][:, 2] * t["boxes"][:, 3]).expand_as(inside).masked_fill(~inside, float("inf"))
-        cells = inside.any(1).nonzero()[:, 0]
-        indices.append((cells, area[cells].argmin(1)))
-    return indices
+def assign_cells(centres: torch.Tensor, valid: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor):
+    """One-to-many assignment, for the whole batch at once (no host synchronisation):
+    centres [B,C,2], valid [B,C] cells; boxes [B,T,4] cxcywh, present [B,T] padded targets
+    (data.pad_targets) -> (target index [B,C], positive [B,C]): the valid cells whose
+    centre lies inside a box, plus the cell nearest each box centre; a cell inside several
+    boxes takes the smallest."""
+    x1, y1, x2, y2 = box_convert(boxes, "cxcywh", "xyxy")[:, None].unbind(-1)  # [B,1,T]
+    cx, cy = centres[..., :1], centres[..., 1:]  # [B,C,1]
+    inside = (cx > x1) & (cx < x2) & (cy > y1) & (cy < y2)  # [B,C,T]
+    nearest = torch.cdist(boxes[..., :2], centres).masked_fill(~valid[:, None], float("inf")).argmin(2)  # [B,T]
+    inside.scatter_(1, nearest[:, None], present[:, None])
+    inside &= valid[:, :, None] & present[:, None]
+    area = (boxes[..., 2] * boxes[..., 3])[:, None].expand_as(inside).masked_fill(~inside, float("inf"))
+    return area.argmin(2), inside.any(2)

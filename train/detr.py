@@ -3,6 +3,8 @@ head (K+1, last = "no object") and 3-layer box MLP with sigmoid, one prediction 
 query per decoder layer (the intermediate layers feed the auxiliary losses)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,15 @@ class MLP(nn.Module):
         return x
 
 
+class ExtraQueries(NamedTuple):
+    """Queries decoded after the model's own N in training: pos [M,B,d] their positional
+    queries, content [M,B,d] their decoder targets at the start (zeros for learned ones),
+    attn_mask [N+M,N+M] the decoder's self-attention mask (True = blocked)."""
+    pos: torch.Tensor
+    content: torch.Tensor
+    attn_mask: torch.Tensor
+
+
 class DETR(nn.Module):
     def __init__(self, config: DETRConfig):
         super().__init__()
@@ -42,24 +53,17 @@ class DETR(nn.Module):
                                PositionEmbeddingSine(d // 2, normalize=True))
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                group_queries: torch.Tensor | None = None) -> dict:
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None, extra=None) -> dict:
         """images [B,3,H,W], mask [B,H,W] (True = padding) -> {'pred_logits' [B,N,K+1],
         'pred_boxes' [B,N,4] cxcywh in [0,1] of the unpadded image, 'aux_outputs': [...],
         'memory' [B,d,h,w] (the encoder's output), 'memory_mask' [B,h,w]}.
 
-        `group_queries` [(G-1)*N, d] (training only, Group DETR): extra query groups decoded
-        beside the model's own, each blind to the others, so outputs have G*N queries."""
+        `extra` (training only: Group DETR's groups, denoising queries): ExtraQueries decoded
+        after the model's own, so outputs have N+M queries."""
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        queries, self_attn_mask = self.query_embed.weight, None
-        if group_queries is not None:
-            queries = torch.cat([queries, group_queries])
-            block = torch.ones(self.config.num_queries, self.config.num_queries, dtype=torch.bool,
-                               device=queries.device)
-            self_attn_mask = ~torch.block_diag(*[block] * (queries.shape[0] // self.config.num_queries))
         features, mask, pos = self.backbone(images, mask)
-        hs, memory = self.transformer(self.input_proj(features), mask, queries, pos, self_attn_mask)
+        hs, memory = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos, extra)
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],

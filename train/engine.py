@@ -6,6 +6,7 @@ exact resume (model, optimizer, schedule, epoch, step inside the epoch, RNG), an
 under torchrun (NCCL on GPUs, gloo on CPUs)."""
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
@@ -18,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 
 from detr_edge.runtime.coco import find_split
 from detr_edge.runtime.errors import UserError
@@ -29,7 +29,8 @@ from .config import DETRConfig, checkpoint_config, preset
 from .criterion import SetCriterion
 from .data import CocoDetection, Transform, collate
 from .dense_head import BACKBONE_HEAD_LEVELS, DenseHead
-from .detr import DETR
+from .denoising import Denoising, query_attention_mask
+from .detr import DETR, ExtraQueries
 from .evaluate import evaluate
 from .matcher import HungarianMatcher
 
@@ -58,13 +59,16 @@ class TrainOptions:
     class_weight: float = 1.0        # the class term's weight in the loss and in the matching cost
     aux_loss: bool = True
     groups: int = 1                  # Group DETR query groups (training only; the model stays plain DETR)
+    denoise: int = 0                 # contrastive denoising queries per image (DINO's 100; training only); 0 = none
     encoder_head: float = 0.0        # weight of the one-to-many dense heads' loss (training only); 0 = none
     backbone_head: tuple = ()        # backbone levels (layer2, layer3) that get a dense head too
     contiguous: bool = False         # remap category ids to 0..C-1
     eval_every: int = 1              # epochs; 0 = only at the end
     save_every: int = 200            # steps between last.pth writes inside an epoch
     time_limit: float = 0.0          # minutes; 0 = none
-    time_drop: float = 0.0           # share of time_limit after which lr drops x0.1; 0 = never
+    max_steps: int = 0               # steps in all; 0 = none (the epochs bound the run)
+    drop_at: float = 0.0             # share of the run (max_steps or time_limit, whichever ends first)
+                                     # after which lr drops x0.1; 0 = only the epoch drop
     ema: float = 0.0                 # decay of the weights' moving average (evaluated and saved); 0 = none
     workers: int = 1
     device: str = "cpu"
@@ -75,7 +79,7 @@ class TrainOptions:
 # what defines a run: `--resume` takes these from the checkpoint (given again, they must
 # agree); where the data is, how long, how often to evaluate or save, on what device, may change
 RUN_DEFINING = ("preset", "weights", "imgsz", "recipe", "zoom", "batch_size", "lr", "lr_backbone", "weight_decay",
-                "clip_max_norm", "lr_drop", "warmup", "eos_coef", "class_weight", "aux_loss", "groups",
+                "clip_max_norm", "lr_drop", "warmup", "eos_coef", "class_weight", "aux_loss", "groups", "denoise",
                 "encoder_head", "backbone_head", "contiguous", "ema", "seed")
 
 
@@ -122,19 +126,22 @@ class TrainingModel(torch.nn.Module):
     the weights under 'training_parts' only to resume):
     - Group DETR (Chen et al. 2023): G-1 extra groups of learned queries decoded beside the
       model's own, blind to each other, each matched one-to-one;
+    - denoising queries (train/denoising.py): noised ground truth decoded beside them,
+      unseen by the matching queries, reconstructing the true boxes and classes;
     - dense heads (train/dense_head.py): one-to-many supervision of the encoder's cells
       and, optionally, of backbone levels (read by forward hooks, so DETR stays untouched).
 
     The backbone trains in channels-last memory order: 4% faster steps on CPUs (measured
     side by side, benchmarks/train_speed.py), the same values."""
 
-    def __init__(self, model: DETR, groups: int = 1, encoder_head: bool = False, backbone_head=()):
+    def __init__(self, model: DETR, groups: int = 1, encoder_head: bool = False, backbone_head=(), denoise: int = 0):
         super().__init__()
-        self.model = model
+        self.model, self.groups = model, groups
         model.backbone.to(memory_format=torch.channels_last)
         extra = (groups - 1) * model.config.num_queries
         self.group_queries = torch.nn.Parameter(torch.randn(extra, model.config.hidden_dim)) if extra else None
         d, classes = model.config.hidden_dim, model.config.num_classes
+        self.denoising = Denoising(d, classes, denoise) if denoise else None
         self.encoder_head = DenseHead(d, classes) if encoder_head else None
         body, self._levels = model.backbone[0].body, {}
         self.backbone_heads = torch.nn.ModuleDict()
@@ -145,8 +152,13 @@ class TrainingModel(torch.nn.Module):
             layer.register_forward_hook(lambda _module, _inputs, output, level=level:
                                         self._levels.__setitem__(level, output))
 
-    def forward(self, images, mask):
-        out = self.model(images.contiguous(memory_format=torch.channels_last), mask, self.group_queries)
+    def forward(self, images, mask, targets=None):
+        """`targets` feed the denoising queries (their outputs come last, `out['denoising']` says how)."""
+        denoising = self.denoising(targets) if self.denoising is not None and targets is not None else None
+        out = self.model(images.contiguous(memory_format=torch.channels_last), mask,
+                         self._extra(images.shape[0], denoising, images.device))
+        if denoising is not None:
+            out["denoising"] = denoising
         dense = {}
         if self.encoder_head is not None:
             dense["enc"] = self.encoder_head(out["memory"], out["memory_mask"])
@@ -157,6 +169,19 @@ class TrainingModel(torch.nn.Module):
             out["dense_outputs"] = dense
         return out
 
+    def _extra(self, batch: int, denoising, device) -> ExtraQueries | None:
+        """The query groups' and the denoising queries' inputs and mask, in that order."""
+        attn_mask = query_attention_mask(self.model.config.num_queries, self.groups, denoising)
+        if attn_mask is None:
+            return None
+        d = self.model.config.hidden_dim
+        pos = [self.group_queries[:, None].expand(-1, batch, -1)] if self.group_queries is not None else []
+        pos += [denoising.pos] if denoising is not None else []
+        pos = torch.cat(pos)
+        content = torch.zeros_like(pos) if denoising is None else torch.cat(
+            [pos.new_zeros(len(pos) - len(denoising.content), batch, d), denoising.content])
+        return ExtraQueries(pos, content, attn_mask.to(device))
+
     def training_parts(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}  # detached
 
@@ -164,7 +189,7 @@ class TrainingModel(torch.nn.Module):
         mine = self.training_parts()
         if {k: v.shape for k, v in parts.items()} != {k: v.shape for k, v in mine.items()}:
             raise UserError(f"{source}: its run trained other training-only parts ({', '.join(parts) or 'none'}); "
-                            "resume with the same --groups, --encoder-head and --backbone-head")
+                            "resume with the same --groups, --denoise, --encoder-head and --backbone-head")
         self.load_state_dict(parts, strict=False)
 
 
@@ -204,9 +229,11 @@ def clip_gradients(trainer: TrainingModel, max_norm: float) -> None:
 
 class LrSchedule:
     """The learning-rate factor per step: linear warm-up, then x0.1 from the epoch drop
-    (`--lr-drop`) or from the step at which `--time-drop` of `--time-limit` had passed,
-    whichever comes first. A callable object, so the scheduler's state saves the time
-    drop's step and a resumed run keeps it; the epoch drop follows the current options."""
+    (`--lr-drop`), from `--drop-at` of `--max-steps`, or from the step at which `--drop-at`
+    of `--time-limit` had passed, whichever comes first: a bounded run ends in its fine
+    phase whether its steps or its time run out first (a slow machine drops by time, a
+    fast one by steps). A callable object, so the scheduler's state saves the time drop's
+    step and a resumed run keeps it; the step drops follow the current options."""
 
     def __init__(self, warmup: int, drop_step: float):
         self.warmup, self.drop_step, self.time_drop_step = warmup, drop_step, math.inf
@@ -216,19 +243,28 @@ class LrSchedule:
         return warm * (0.1 if step >= min(self.drop_step, self.time_drop_step) else 1.0)
 
 
-def weight_average(model: DETR, decay: float) -> AveragedModel:
+class WeightAverage:
     """An exponential moving average of the weights and BatchNorm statistics, as ultralytics'
     and RT-DETR's ModelEMA: what is evaluated, saved and deployed, while training goes on
-    with the raw weights. The decay ramps up as decay * (1 - exp(-updates * (1 - decay))),
-    so the average forgets the random start within its own horizon of 1 / (1 - decay) steps."""
-    def average(averaged: list, current: list, updates) -> None:  # one call per dtype
-        if not averaged[0].is_floating_point():  # BatchNorm's step counters
-            for a, c in zip(averaged, current):
+    with the raw weights. The first update copies; then the decay ramps up as
+    decay * (1 - exp(-updates * (1 - decay))), so the average forgets the random start
+    within its own horizon of 1 / (1 - decay) steps. (torch's AveragedModel computes the
+    same, but reads its update count from the device every step: a synchronisation.)"""
+
+    def __init__(self, model: DETR, decay: float):
+        self.module, self.decay, self.updates = copy.deepcopy(model), decay, 0
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: DETR) -> None:
+        averaged, current = list(self.module.state_dict().values()), list(model.state_dict().values())
+        floats = [i for i, a in enumerate(averaged) if a.is_floating_point()]
+        d = self.decay * (1 - math.exp(-self.updates * (1 - self.decay)))  # 0 at the first update: a copy
+        torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], 1 - d)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():  # BatchNorm's step counters
                 a.copy_(c)
-            return
-        d = decay * (1 - math.exp(-int(updates) * (1 - decay)))
-        torch._foreach_lerp_(averaged, current, 1 - d)
-    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+        self.updates += 1
 
 
 def build(opts: TrainOptions):
@@ -237,8 +273,10 @@ def build(opts: TrainOptions):
         raise UserError(f"class weight {opts.class_weight}: must be > 0")
     if not opts.encoder_head >= 0:
         raise UserError(f"encoder head weight {opts.encoder_head}: must be >= 0")
-    if opts.time_drop and not (0 < opts.time_drop < 1 and opts.time_limit):
-        raise UserError(f"--time-drop {opts.time_drop}: needs --time-limit and a share between 0 and 1")
+    if opts.drop_at and not (0 < opts.drop_at < 1 and (opts.time_limit or opts.max_steps)):
+        raise UserError(f"--drop-at {opts.drop_at}: needs --time-limit or --max-steps and a share between 0 and 1")
+    if opts.max_steps < 0:
+        raise UserError(f"--max-steps {opts.max_steps}: must be >= 0")
     if not 0 <= opts.ema < 1:
         raise UserError(f"--ema {opts.ema}: the decay must be between 0 and 1")
     unknown = set(opts.backbone_head) - set(BACKBONE_HEAD_LEVELS)
@@ -271,7 +309,12 @@ def build(opts: TrainOptions):
                         f"the data {probe.num_classes}")
     imgsz = tuple(config["preprocess"]["imgsz"])
     probe.transform = Transform(opts.recipe, imgsz, train=True, zoom=opts.zoom)
-    val = CocoDetection(val_images, val_ann, Transform("edge", imgsz, train=False), contiguous=opts.contiguous)
+    val = {"": CocoDetection(val_images, val_ann, Transform("edge", imgsz, train=False), contiguous=opts.contiguous)}
+    try:  # the deployment's frame shapes, when the data has them (`data synth`'s cameras split)
+        val["cameras_"] = CocoDetection(*find_split(opts.data, "cameras"), Transform("edge", imgsz, train=False),
+                                        contiguous=opts.contiguous)
+    except UserError:
+        pass
     return probe, val, model, config, resumed
 
 
@@ -289,19 +332,19 @@ def train(opts: TrainOptions) -> dict:
     torch.manual_seed(opts.seed + rank)
     random.seed(opts.seed + rank)
     out = Path(opts.out)
-    train_set, val_set, model, config, resumed = build(opts)
+    train_set, val_sets, model, config, resumed = build(opts)
     device = torch.device(opts.device)
     model.to(device).train()
     criterion = SetCriterion(model.config.num_classes, HungarianMatcher(cost_class=opts.class_weight),
                              eos_coef=opts.eos_coef, loss_ce=opts.class_weight, aux_loss=opts.aux_loss,
                              groups=opts.groups, dense_weight=opts.encoder_head).to(device)
     # the average copies the model before the trainer hooks its backbone levels; of a resumed run: its saved average
-    ema = weight_average(model, opts.ema) if opts.ema else None
-    trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head).to(device)
+    ema = WeightAverage(model, opts.ema) if opts.ema else None
+    trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head, opts.denoise).to(device)
     deployed = ema.module if ema else model
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
-    schedule = LrSchedule(opts.warmup, opts.lr_drop * sampler.batches)
+    schedule = LrSchedule(opts.warmup, _drop_step(opts, sampler.batches))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and device.type == "cuda")
     epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
@@ -309,29 +352,33 @@ def train(opts: TrainOptions) -> dict:
         trainer.load_training_parts(resumed.get("training_parts", {}), opts.resume)
         if ema:
             model.load_state_dict(resumed["raw_model"])
-            ema.n_averaged.fill_(resumed["ema_updates"])
+            ema.updates = resumed["ema_updates"]
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["lr_scheduler"])
-        schedule.warmup, schedule.drop_step = opts.warmup, opts.lr_drop * sampler.batches
+        schedule.warmup, schedule.drop_step = opts.warmup, _drop_step(opts, sampler.batches)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the next step's rate, as they say
+            group["lr"] = base * schedule(scheduler.last_epoch)
         epoch, step_in_epoch = resumed["epoch"], resumed["step_in_epoch"]
         global_step, best_ap = resumed["global_step"], resumed.get("best_ap", -1.0)
         _set_rng_state(resumed["rng"])
         log.info("resumed %s at epoch %d, step %d of %d", opts.resume, epoch, step_in_epoch, sampler.batches)
     net = DistributedDataParallel(trainer) if world > 1 else trainer
     loader = torch.utils.data.DataLoader(train_set, batch_size=opts.batch_size, sampler=sampler,
-                                         collate_fn=collate, num_workers=opts.workers,
+                                         collate_fn=collate, num_workers=opts.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False, drop_last=True)
     main_process = rank == 0
     writer = _tensorboard(out) if main_process else None
     csv_path = out / "metrics.csv"
     start = time.monotonic()
     deadline = start + opts.time_limit * 60 if opts.time_limit else math.inf
-    drop_time = start + opts.time_drop * opts.time_limit * 60 if opts.time_drop else math.inf
+    drop_time = start + opts.drop_at * opts.time_limit * 60 if opts.drop_at and opts.time_limit else math.inf
     metrics = {}
+    logged = LossLog()
 
     def save(name: str, finished_epoch: bool = False) -> None:
         if main_process:
-            averaged = {"raw_model": model.state_dict(), "ema_updates": int(ema.n_averaged)} if ema else {}
+            logged.write(csv_path, writer, progress, wait=True)  # the CSV holds every step the checkpoint has
+            averaged = {"raw_model": model.state_dict(), "ema_updates": ema.updates} if ema else {}
             save_checkpoint(out / name, deployed, config, **averaged, optimizer=optimizer.state_dict(),
                             lr_scheduler=scheduler.state_dict(),
                             epoch=epoch + 1 if finished_epoch else epoch,
@@ -340,16 +387,16 @@ def train(opts: TrainOptions) -> dict:
                             training_parts=trainer.training_parts(),
                             options={k: v for k, v in asdict(opts).items() if v is not None}, metrics=metrics)
 
-    out_of_time = False
-    while epoch < opts.epochs and not out_of_time:
+    out_of_budget = bool(opts.max_steps) and global_step >= opts.max_steps  # steps or time spent
+    while epoch < opts.epochs and not out_of_budget:
         sampler.epoch, sampler.start_batch = epoch, step_in_epoch
         progress = _progress(loader, main_process, epoch, opts.epochs)
         seen, tick = 0, time.monotonic()
         for images, mask, targets in progress:
             images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                losses = criterion(net(images, mask), targets)
+                losses = criterion(net(images, mask, targets), targets)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             scaler.unscale_(optimizer)
@@ -358,7 +405,7 @@ def train(opts: TrainOptions) -> dict:
             scaler.step(optimizer)
             scaler.update()
             if ema:
-                ema.update_parameters(model)
+                ema.update(model)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step trained with
             step_in_epoch += 1
             global_step += 1
@@ -366,30 +413,32 @@ def train(opts: TrainOptions) -> dict:
                     and _any_rank(time.monotonic() > drop_time, world, device)):
                 schedule.time_drop_step = global_step
                 log.info("%.0f%% of the time limit passed: learning rate x0.1 from step %d on",
-                         100 * opts.time_drop, global_step + 1)
+                         100 * opts.drop_at, global_step + 1)
             scheduler.step()
             seen += len(targets) * world
             if main_process:
-                row = {"step": global_step, "epoch": epoch, "lr": lr,
-                       "images_per_s": seen / max(time.monotonic() - tick, 1e-9),
-                       **{k: float(v.detach()) for k, v in losses.items()}}
-                _log_row(csv_path, row, writer)
-                progress.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['loss_ce']:.3f}",
-                                     l1=f"{row['loss_bbox']:.3f}", giou=f"{row['loss_giou']:.3f}",
-                                     img_s=f"{row['images_per_s']:.1f}")
+                logged.write(csv_path, writer, progress)  # the previous step's, now on the host
+                logged.add({"step": global_step, "epoch": epoch, "lr": lr,
+                            "images_per_s": seen / max(time.monotonic() - tick, 1e-9)}, losses)
             if opts.save_every and global_step % opts.save_every == 0:
                 save("last.pth")
-            if deadline < math.inf and _any_rank(time.monotonic() > deadline, world, device):
-                out_of_time = True
+            if (opts.max_steps and global_step >= opts.max_steps) or (
+                    deadline < math.inf and _any_rank(time.monotonic() > deadline, world, device)):
+                out_of_budget = True
                 break
-        finished = not out_of_time
+        logged.write(csv_path, writer, progress, wait=True)
+        finished = not out_of_budget
         last_epoch = epoch + 1 >= opts.epochs
-        if main_process and (out_of_time or last_epoch or (opts.eval_every and (epoch + 1) % opts.eval_every == 0)):
-            metrics = evaluate(deployed, val_set, batch_size=max(1, opts.batch_size), device=device)
-            log.info("epoch %d: AP %.3f AP50 %.3f (%s)", epoch, metrics["AP"], metrics["AP50"],
-                     _elapsed(start))
+        if main_process and (out_of_budget or last_epoch or (opts.eval_every and (epoch + 1) % opts.eval_every == 0)):
+            metrics = evaluate(deployed, val_sets[""], batch_size=max(1, opts.batch_size), device=device)
+            log.info("epoch %d: AP %.3f AP50 %.3f (%s)", epoch, metrics["AP"], metrics["AP50"], _elapsed(start))
+            other = {}
+            for prefix, dataset in list(val_sets.items())[1:]:
+                scores = evaluate(deployed, dataset, batch_size=max(1, opts.batch_size), device=device)
+                other.update({prefix + k: v for k, v in scores.items() if not k.startswith(("AP_", "AR"))})
+                log.info("  %s: AP %.3f AP50 %.3f", prefix.rstrip("_"), scores["AP"], scores["AP50"])
             _log_row(out / "eval.csv", {"step": global_step, "epoch": epoch,
-                                        "minutes": (time.monotonic() - start) / 60, **metrics}, writer)
+                                        "minutes": (time.monotonic() - start) / 60, **metrics, **other}, writer)
             if metrics["AP"] > best_ap:
                 best_ap = metrics["AP"]
                 save("best.pth", finished_epoch=finished)
@@ -401,6 +450,39 @@ def train(opts: TrainOptions) -> dict:
     if writer:
         writer.close()
     return metrics
+
+
+class LossLog:
+    """A step's losses reach the CSV one step late: copied to the host without waiting
+    (one copy for all), read after the next step's matching has synchronised anyway, so
+    logging adds no synchronisation to a CUDA step (`float(loss)` per term would add one each)."""
+
+    def __init__(self):
+        self.pending = None
+
+    def add(self, row: dict, losses: dict) -> None:
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        host = torch.empty(values.shape, pin_memory=values.is_cuda)
+        host.copy_(values, non_blocking=True)
+        self.pending = row, list(losses), host
+
+    def write(self, csv_path: Path, writer, progress, wait: bool = False) -> None:
+        if self.pending is None:
+            return
+        if wait and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        row, names, host = self.pending
+        self.pending = None
+        row = {**row, **dict(zip(names, host.tolist()))}
+        _log_row(csv_path, row, writer)
+        progress.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['loss_ce']:.3f}", l1=f"{row['loss_bbox']:.3f}",
+                             giou=f"{row['loss_giou']:.3f}", img_s=f"{row['images_per_s']:.1f}")
+
+
+def _drop_step(opts: TrainOptions, batches: int) -> float:
+    """The step of the x0.1 drop the options fix in steps: the epoch drop or --drop-at of --max-steps."""
+    by_steps = math.ceil(opts.drop_at * opts.max_steps) if opts.drop_at and opts.max_steps else math.inf
+    return min(opts.lr_drop * batches, by_steps)
 
 
 def _any_rank(flag: bool, world: int, device) -> bool:

@@ -3,7 +3,9 @@ a short video of the same shapes moving (the demo's data). Deterministic by seed
 
 Four classes (square, circle, triangle, star) of varied size (small to large) and
 colour, overlapping a little, on cluttered backgrounds (noise, gradients, thin lines and
-small blobs that are not objects)."""
+small blobs that are not objects). With `aspects`, the training images and a `cameras`
+split come in the frame shapes of real cameras (4:3, 16:9 and portrait beside square),
+so a model letterboxed into a square input learns the padding it will be deployed with."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +17,12 @@ from detr_edge.runtime.errors import UserError
 from detr_edge.runtime.io import atomic_path, write_json
 
 CLASSES = ("square", "circle", "triangle", "star")
+
+
+def frame_size(size: tuple[int, int], aspect: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a frame of `aspect` (w, h) whose long side is `size`'s long side."""
+    long, (w, h) = max(size), aspect
+    return (round(long * h / w), long) if w >= h else (long, round(long * w / h))
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float) -> np.ndarray:
@@ -67,13 +75,16 @@ def _distinct_color(rng, image, cx, cy):
 
 
 def scene(rng, height: int, width: int, max_objects: int = 5):
-    """-> (BGR image, [(class index, [x, y, w, h])...]). Objects overlap at most a little."""
+    """-> (BGR image, [(class index, [x, y, w, h])...]). Objects overlap at most a little.
+    Their sizes follow the long side, so a frame of any shape letterboxed into a square
+    input shows them at the same scale: what differs between shapes is the padding."""
     image = background(rng, height, width)
     objects, boxes = [], []
-    short = min(height, width)
+    long, short = max(height, width), min(height, width)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(20):
-            r = float(rng.uniform(0.06, 0.3) * short)  # diameter 12% .. 60% of the short side
+            # diameter 12% .. 60% of the long side, at most 90% of the short one
+            r = min(float(rng.uniform(0.06, 0.3) * long), 0.45 * short)
             cx, cy = rng.uniform(r * 0.7, width - r * 0.7), rng.uniform(r * 0.7, height - r * 0.7)
             box = np.array([cx - r, cy - r, cx + r, cy + r])
             if all(_overlap(box, other) < 0.25 for other in boxes):
@@ -94,16 +105,19 @@ def _overlap(a, b) -> float:
     return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
 
 
-def write_split(out: Path, split: str, count: int, size: tuple[int, int], rng, max_objects: int = 5) -> Path:
+def write_split(out: Path, split: str, count: int, size: tuple[int, int], rng, max_objects: int = 5,
+                aspects=None) -> Path:
+    """`count` scenes of `size` (H, W), or with `aspects`, of those frame shapes in turn."""
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(count):
-        image, objects = scene(rng, *size, max_objects=max_objects)
+        image, objects = scene(rng, *(frame_size(size, aspects[i % len(aspects)]) if aspects else size),
+                               max_objects=max_objects)
         name = f"{i:06d}.jpg"
         with atomic_path(folder / name) as tmp:
             cv2.imwrite(str(tmp), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        images.append({"id": i + 1, "file_name": name, "height": size[0], "width": size[1]})
+        images.append({"id": i + 1, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
         for kind, (x, y, w, h) in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": kind + 1,
                                 "bbox": [round(v, 2) for v in (x, y, w, h)], "area": round(w * h, 2),
@@ -200,10 +214,20 @@ def read_tracks(path: Path, frames: int | None = None) -> list[dict]:
 
 
 def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_frames: int = 150,
-               seed: int = 0, max_objects: int = 5) -> dict:
+               seed: int = 0, max_objects: int = 5, aspects=None) -> dict:
+    """The shapes dataset: `train` and `val` (square, or `size`) splits and the video
+    shapes.mp4 (4:3). With `aspects` (e.g. CAMERA_ASPECTS), the training images take those
+    frame shapes in turn, a `cameras` split of `val` images does too (the deployment
+    geometry, to validate on), and a video per other camera shape follows (16:9, 9:16)."""
     out = Path(out)
     rng = np.random.default_rng(seed)
-    return {"train": write_split(out, "train", train, size, rng, max_objects),
-            "val": write_split(out, "val", val, size, rng, max_objects),
-            # the true tracks beside the video, for `--track` (tests/test_tracking.py)
-            "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng, tracks=out / "shapes.gt.txt")}
+    paths = {"train": write_split(out, "train", train, size, rng, max_objects, aspects),
+             "val": write_split(out, "val", val, size, rng, max_objects),
+             # the true tracks beside the video, for `--track` (tests/test_tracking.py)
+             "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng, tracks=out / "shapes.gt.txt")}
+    if aspects:
+        paths["cameras"] = write_split(out, "cameras", val, size, rng, max_objects, aspects)
+        for name, shape in (("16x9", (180, 320)), ("9x16", (320, 180))):
+            paths[f"video {name}"] = write_video(out / f"shapes-{name}.mp4", video_frames, shape, rng,
+                                                 tracks=out / f"shapes-{name}.gt.txt")
+    return paths

@@ -126,9 +126,10 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src, mask, query_embed, pos_embed, self_attn_mask=None):
-        """src/pos_embed [B,C,h,w], mask [B,h,w], query_embed [N,C] -> hs [L,B,N,C], memory [B,C,h,w].
-        `self_attn_mask` [N,N] (True = blocked) restricts the decoder's query self-attention."""
+    def forward(self, src, mask, query_embed, pos_embed, extra=None):
+        """src/pos_embed [B,C,h,w], mask [B,h,w], query_embed [N,C] -> hs [L,B,N(+M),C], memory [B,C,h,w].
+        `extra` (training only, detr.ExtraQueries): M more queries with their own starting
+        targets, and the mask [N+M,N+M] (True = blocked) of the decoder's query self-attention."""
         bs, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
@@ -136,6 +137,10 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)
         memory = self.encoder(src, key_padding_mask=mask, pos=pos_embed)
         tgt = torch.zeros_like(query_embed)
+        self_attn_mask = None
+        if extra is not None:
+            query_embed, tgt = torch.cat([query_embed, extra.pos]), torch.cat([tgt, extra.content])
+            self_attn_mask = extra.attn_mask
         hs = self.decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos_embed, query_pos=query_embed,
                           self_attn_mask=self_attn_mask)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(bs, c, h, w)
