@@ -6,13 +6,16 @@ measured at (../shared/reference/measured-here.md): ResNet-18, d=128, 3+3 layers
 `--scratch` measures trainable BatchNorm and every layer training instead (what training
 from scratch needs; the official code has no such mode).
 
+With frozen BatchNorm it also times our step with the BatchNorm left unfolded (the step
+before train/backbone.py folded it into the convolutions), side by side, the same weights.
+
 `--official DIR` takes a checkout of github.com/facebookresearch/detr and times its step
 side by side with ours: iterations alternate, so the machine's noise hits both alike.
 Its model gets our model's weights (the state-dict keys are the same), so the two
 losses on the first batch must agree; the script prints the difference. The official
 step is its main.py/engine.py recipe: AdamW with torch's defaults, clip_grad_norm_ 0.1.
 
-    .venv/bin/python benchmarks/train_speed.py [--official ../detr] [--scratch] [--steps 30] [--batch 16]
+    .venv/bin/python benchmarks/train_speed.py [--official ../detr] [--scratch] [--compile] [--steps 30] [--batch 16]
 """
 import argparse
 import statistics
@@ -23,6 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
+
+from detr_edge.train.backbone import FoldedFrozenBatchNorm2d, FoldingConv2d  # noqa: E402
 from detr_edge.train.config import DETRConfig  # noqa: E402
 from detr_edge.train.criterion import SetCriterion  # noqa: E402
 from detr_edge.train.detr import DETR  # noqa: E402
@@ -31,13 +37,26 @@ from detr_edge.train.engine import TrainingModel, TrainOptions, clip_gradients, 
 LR, LR_BACKBONE = 1e-4, 1e-5  # the official defaults
 
 
-def ours(config: DETRConfig):
-    trainer = TrainingModel(DETR(config).train())
+def ours(config: DETRConfig, fold: bool = True, weights: dict | None = None, compile_model: bool = False):
+    """Our step; `fold=False`: with frozen BatchNorm applied after each convolution, as before
+    the fold (train/backbone.py), the same weights; `compile_model`: the training model through
+    torch.compile (inductor)."""
+    model = DETR(config).train()
+    if weights is not None:
+        model.load_state_dict(weights)
+    if not fold:
+        for module in model.modules():
+            if isinstance(module, FoldingConv2d):
+                module.__class__ = torch.nn.Conv2d
+            elif isinstance(module, FoldedFrozenBatchNorm2d):
+                module.__class__ = FrozenBatchNorm2d
+    trainer = TrainingModel(model)
     criterion = SetCriterion(config.num_classes)
     optimizer = optimizer_for(trainer, TrainOptions(data="", lr=LR, lr_backbone=LR_BACKBONE))
+    forward = torch.compile(trainer) if compile_model else trainer
 
     def step(images, mask, targets):
-        losses = criterion(trainer(images, mask), targets)
+        losses = criterion(forward(images, mask), targets)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         clip_gradients(trainer, 0.1)
@@ -101,6 +120,7 @@ def main():
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scratch", action="store_true", help="trainable BatchNorm, all layers train")
+    parser.add_argument("--compile", action="store_true", help="also time our step through torch.compile")
     args = parser.parse_args()
     if args.official and args.scratch:
         parser.error("--scratch has no official counterpart (its backbone always has frozen BatchNorm)")
@@ -115,11 +135,20 @@ def main():
     targets = [{"labels": torch.randint(0, 3, (3,)), "boxes": torch.rand(3, 4) * 0.5 + 0.25} for _ in range(args.batch)]
     trainer, optimizer, step = ours(config)
     runs = {"detr-edge": step}
+    if not args.scratch:  # the step before frozen BatchNorm was folded, for the before/after
+        runs["unfolded"] = ours(config, fold=False, weights=trainer.model.state_dict())[2]
     if args.official:
         _, _, runs["official"] = official(args.official, config, trainer.model.state_dict())
+    if args.compile:
+        runs["compiled"] = ours(config, weights=trainer.model.state_dict(), compile_model=True)[2]
+        start = time.perf_counter()
+        runs["compiled"](images, mask, targets)
+        print(f"torch.compile: the first step took {time.perf_counter() - start:.1f} s (compiling)")
+    if len(runs) > 1:
         first = {name: run(images, mask, targets).item() for name, run in runs.items()}
-        print(f"same weights, first batch: loss {first['detr-edge']:.6f} (detr-edge) vs {first['official']:.6f} "
-              f"(official), |diff| {abs(first['detr-edge'] - first['official']):.1e}")
+        print("same weights, first batch: loss " + ", ".join(f"{v:.6f} ({k})" for k, v in first.items())
+              + "; |diff| to detr-edge " + ", ".join(f"{abs(v - first['detr-edge']):.1e} ({k})"
+                                                    for k, v in first.items() if k != "detr-edge"))
     times = {name: [] for name in runs}
     for i in range(args.warmup + args.steps):
         for name, run in runs.items():
@@ -134,6 +163,10 @@ def main():
     for name, value in median.items():
         print(f"  {name:10s} median {value * 1000:6.0f} ms/step, {args.batch / value:5.1f} images/s "
               f"(min {min(times[name]) * 1000:.0f}, max {max(times[name]) * 1000:.0f} ms)")
+    if "compiled" in median:
+        print(f"  torch.compile: {median['detr-edge'] / median['compiled']:.3f}x the eager step")
+    if "unfolded" in median:
+        print(f"  folding frozen BatchNorm: {median['unfolded'] / median['detr-edge']:.3f}x the unfolded step")
     if args.official:
         print(f"  detr-edge step is {median['official'] / median['detr-edge']:.2f}x the official speed")
     # the update alone, side by side: ours (fused AdamW, foreach clipping) against torch's
