@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .cli import main as cli
+from .train.synth import CAMERA_VIDEOS
 
 # The demo recipe (docs/training.md has the measurements behind it).
 # A fast machine stops at --max-steps, a slow one at --time-limit; the rate drops at 85% of
@@ -51,7 +52,7 @@ def run(out: Path, minutes: float) -> int:
                "--calib-data", str(data / "train"), "--calib-samples", "128",
                # checked on the deployment's geometry: frames of real cameras' shapes, letterboxed
                "--val-data", str(data / "annotations" / "instances_cameras.json"), "--triton"]]
-    videos = sorted(data.glob("shapes*.mp4")) + ([REAL_VIDEO] if REAL_VIDEO.exists() else [])
+    videos = [data / name for name in ("shapes.mp4", *CAMERA_VIDEOS)] + ([REAL_VIDEO] if REAL_VIDEO.exists() else [])
     steps += [["run", str(onnx), str(video), "--save", str(out / "stream" / f"{video.stem}.mp4"),
                "--jsonl", str(out / "stream" / f"{video.stem}.jsonl")] for video in videos]
     for step in steps:

@@ -213,6 +213,10 @@ def read_tracks(path: Path, frames: int | None = None) -> list[dict]:
     return out
 
 
+# the videos in the other shapes of cameras that `synthesize` writes with `aspects` (H, W)
+CAMERA_VIDEOS = {"shapes-16x9.mp4": (180, 320), "shapes-9x16.mp4": (320, 180)}
+
+
 def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_frames: int = 150,
                seed: int = 0, max_objects: int = 5, aspects=None) -> dict:
     """The shapes dataset: `train` and `val` (square, or `size`) splits and the video
@@ -227,7 +231,6 @@ def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_fr
              "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng, tracks=out / "shapes.gt.txt")}
     if aspects:
         paths["cameras"] = write_split(out, "cameras", val, size, rng, max_objects, aspects)
-        for name, shape in (("16x9", (180, 320)), ("9x16", (320, 180))):
-            paths[f"video {name}"] = write_video(out / f"shapes-{name}.mp4", video_frames, shape, rng,
-                                                 tracks=out / f"shapes-{name}.gt.txt")
+        for name, shape in CAMERA_VIDEOS.items():
+            paths[name] = write_video(out / name, video_frames, shape, rng, tracks=out / name.replace(".mp4", ".gt.txt"))
     return paths
