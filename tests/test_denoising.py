@@ -119,3 +119,19 @@ def test_a_model_trained_with_denoising_exports_the_same_graph(shapes, tmp_path)
     assert any(onnx.numpy_helper.to_array(a).tobytes() != onnx.numpy_helper.to_array(b).tobytes()
                for a, b in zip(graph.initializer, plain_graph.initializer))
     DETR(DETRConfig.from_dict(denoised["config"]["model"])).load_state_dict(denoised["model"], strict=True)
+
+
+def test_a_batch_without_objects_trains_the_denoising_module_on_padding():
+    """One group of padding, all "no object": the same loss terms as any step (the CSV's
+    columns stay put) and a gradient for every denoising parameter (DDP needs one)."""
+    torch.manual_seed(0)
+    trainer = TrainingModel(DETR(CONFIG), groups=2, denoise=8)
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * 2
+    images, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool)
+    out = trainer(images, mask, empty)
+    assert (out["denoising"].groups, out["denoising"].pad) == (4, 1)
+    losses = SetCriterion(4, groups=2)(out, empty)
+    assert {"loss_ce_dn", "loss_bbox_dn", "loss_giou_dn_0"} <= set(losses) and torch.isfinite(losses["loss"])
+    assert losses["loss_bbox_dn"] == 0 and losses["loss_ce_dn"] > 0
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in trainer.denoising.parameters())

@@ -64,11 +64,10 @@ class Denoising(nn.Module):
         self.label_embed = nn.Embedding(num_classes, hidden_dim)
         self.box_embed = MLP(2 * hidden_dim, hidden_dim, hidden_dim, 2)
 
-    def forward(self, targets: list[dict]) -> DenoisingQueries | None:
-        """None when the batch has no object to denoise."""
-        pad = max(len(t["labels"]) for t in targets)
-        if pad == 0:
-            return None
+    def forward(self, targets: list[dict]) -> DenoisingQueries:
+        """A batch with no object gets one group of padding (learning "no object"), so the
+        module takes part in every step (DDP expects every parameter to)."""
+        pad = max(1, *(len(t["labels"]) for t in targets))
         groups = max(1, self.queries // (2 * pad))
         labels, boxes, valid = pad_targets(targets)  # padding: a centred box, as DINO's
         device = labels.device
@@ -96,14 +95,16 @@ class Denoising(nn.Module):
         return DenoisingQueries(*queries, groups, pad, indices)
 
 
-def query_attention_mask(own: int, groups: int = 1, denoising: DenoisingQueries | None = None) -> torch.Tensor | None:
+def query_attention_mask(own: int, groups: int = 1, denoising: DenoisingQueries | None = None,
+                         device=None) -> torch.Tensor | None:
     """The decoder self-attention mask [Q,Q] (True = blocked) of the model's own `own`
     queries, `groups - 1` more groups of as many (Group DETR: no group sees another) and
     the denoising groups after them (seen by none of the matching queries, blind to each
-    other, seeing the model's own queries). None when there is nothing to keep apart."""
-    blocks = [torch.ones(own, own, dtype=torch.bool)] * groups
+    other, seeing the model's own queries). None when there is nothing to keep apart. Made
+    on `device`: a mask copied there would make the step wait."""
+    blocks = [torch.ones(own, own, dtype=torch.bool, device=device)] * groups
     if denoising is not None:
-        blocks += [torch.ones(2 * denoising.pad, 2 * denoising.pad, dtype=torch.bool)] * denoising.groups
+        blocks += [torch.ones(2 * denoising.pad, 2 * denoising.pad, dtype=torch.bool, device=device)] * denoising.groups
     if len(blocks) == 1:
         return None
     visible = torch.block_diag(*blocks)

@@ -171,7 +171,7 @@ class TrainingModel(torch.nn.Module):
 
     def _extra(self, batch: int, denoising, device) -> ExtraQueries | None:
         """The query groups' and the denoising queries' inputs and mask, in that order."""
-        attn_mask = query_attention_mask(self.model.config.num_queries, self.groups, denoising)
+        attn_mask = query_attention_mask(self.model.config.num_queries, self.groups, denoising, device)
         if attn_mask is None:
             return None
         d = self.model.config.hidden_dim
@@ -180,7 +180,7 @@ class TrainingModel(torch.nn.Module):
         pos = torch.cat(pos)
         content = torch.zeros_like(pos) if denoising is None else torch.cat(
             [pos.new_zeros(len(pos) - len(denoising.content), batch, d), denoising.content])
-        return ExtraQueries(pos, content, attn_mask.to(device))
+        return ExtraQueries(pos, content, attn_mask)
 
     def training_parts(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}  # detached
@@ -377,7 +377,7 @@ def train(opts: TrainOptions) -> dict:
 
     def save(name: str, finished_epoch: bool = False) -> None:
         if main_process:
-            logged.write(csv_path, writer, progress, wait=True)  # the CSV holds every step the checkpoint has
+            logged.write(csv_path, writer, progress)
             averaged = {"raw_model": model.state_dict(), "ema_updates": ema.updates} if ema else {}
             save_checkpoint(out / name, deployed, config, **averaged, optimizer=optimizer.state_dict(),
                             lr_scheduler=scheduler.state_dict(),
@@ -426,7 +426,7 @@ def train(opts: TrainOptions) -> dict:
                     deadline < math.inf and _any_rank(time.monotonic() > deadline, world, device)):
                 out_of_budget = True
                 break
-        logged.write(csv_path, writer, progress, wait=True)
+        logged.write(csv_path, writer, progress)
         finished = not out_of_budget
         last_epoch = epoch + 1 >= opts.epochs
         if main_process and (out_of_budget or last_epoch or (opts.eval_every and (epoch + 1) % opts.eval_every == 0)):
@@ -455,7 +455,8 @@ def train(opts: TrainOptions) -> dict:
 class LossLog:
     """A step's losses reach the CSV one step late: copied to the host without waiting
     (one copy for all), read after the next step's matching has synchronised anyway, so
-    logging adds no synchronisation to a CUDA step (`float(loss)` per term would add one each)."""
+    logging adds no synchronisation to a CUDA step (`float(loss)` per term would add one
+    each). Flushed before every checkpoint, so the CSV holds every step a checkpoint has."""
 
     def __init__(self):
         self.pending = None
@@ -464,14 +465,17 @@ class LossLog:
         values = torch.stack([v.detach().float() for v in losses.values()])
         host = torch.empty(values.shape, pin_memory=values.is_cuda)
         host.copy_(values, non_blocking=True)
-        self.pending = row, list(losses), host
+        copied = torch.cuda.Event() if values.is_cuda else None
+        if copied is not None:
+            copied.record(torch.cuda.current_stream(values.device))
+        self.pending = row, list(losses), host, copied
 
-    def write(self, csv_path: Path, writer, progress, wait: bool = False) -> None:
+    def write(self, csv_path: Path, writer, progress) -> None:
         if self.pending is None:
             return
-        if wait and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        row, names, host = self.pending
+        row, names, host, copied = self.pending
+        if copied is not None and not copied.query():  # still on its way: before a checkpoint, after a step
+            copied.synchronize()                       # that matched nothing (and so did not wait)
         self.pending = None
         row = {**row, **dict(zip(names, host.tolist()))}
         _log_row(csv_path, row, writer)
