@@ -45,7 +45,7 @@ def fold_frozen_batchnorm(body: nn.Module) -> None:
     FoldingConv2d and its BatchNorm: the same parameters, the same keys."""
     for parent in body.modules():
         children = list(parent.named_children())
-        for (name, conv), (_, bn) in zip(children, children[1:]):
+        for (_, conv), (_, bn) in zip(children, children[1:]):
             if type(conv) is nn.Conv2d and isinstance(bn, FoldedFrozenBatchNorm2d) and conv.bias is None:
                 conv.__class__ = FoldingConv2d
                 conv._bn = (bn,)  # a tuple: not a submodule, no keys of its own

@@ -67,10 +67,9 @@ class Denoising(nn.Module):
     def forward(self, targets: list[dict]) -> DenoisingQueries:
         """A batch with no object gets one group of padding (learning "no object"), so the
         module takes part in every step (DDP expects every parameter to)."""
-        pad = max(1, *(len(t["labels"]) for t in targets))
-        groups = max(1, self.queries // (2 * pad))
         labels, boxes, valid = pad_targets(targets)  # padding: a centred box, as DINO's
-        device = labels.device
+        pad, device = labels.shape[1], labels.device
+        groups = max(1, self.queries // (2 * pad))
         # [B, groups, 2 (positive, negative), pad]
         labels = labels[:, None, None].expand(-1, groups, 2, -1)
         boxes = boxes[:, None, None].expand(-1, groups, 2, -1, -1)

@@ -174,13 +174,14 @@ class TrainingModel(torch.nn.Module):
         attn_mask = query_attention_mask(self.model.config.num_queries, self.groups, denoising, device)
         if attn_mask is None:
             return None
-        d = self.model.config.hidden_dim
-        pos = [self.group_queries[:, None].expand(-1, batch, -1)] if self.group_queries is not None else []
-        pos += [denoising.pos] if denoising is not None else []
-        pos = torch.cat(pos)
-        content = torch.zeros_like(pos) if denoising is None else torch.cat(
-            [pos.new_zeros(len(pos) - len(denoising.content), batch, d), denoising.content])
-        return ExtraQueries(pos, content, attn_mask)
+        pos, content = [], []
+        if self.group_queries is not None:  # learned queries: their decoder targets start at zero
+            pos.append(self.group_queries[:, None].expand(-1, batch, -1))
+            content.append(torch.zeros_like(pos[-1]))
+        if denoising is not None:
+            pos.append(denoising.pos)
+            content.append(denoising.content)
+        return ExtraQueries(torch.cat(pos), torch.cat(content), attn_mask)
 
     def training_parts(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}  # detached
@@ -430,11 +431,12 @@ def train(opts: TrainOptions) -> dict:
         finished = not out_of_budget
         last_epoch = epoch + 1 >= opts.epochs
         if main_process and (out_of_budget or last_epoch or (opts.eval_every and (epoch + 1) % opts.eval_every == 0)):
-            metrics = evaluate(deployed, val_sets[""], batch_size=max(1, opts.batch_size), device=device)
+            scored = {prefix: evaluate(deployed, dataset, batch_size=max(1, opts.batch_size), device=device)
+                      for prefix, dataset in val_sets.items()}
+            metrics = scored.pop("")
             log.info("epoch %d: AP %.3f AP50 %.3f (%s)", epoch, metrics["AP"], metrics["AP50"], _elapsed(start))
             other = {}
-            for prefix, dataset in list(val_sets.items())[1:]:
-                scores = evaluate(deployed, dataset, batch_size=max(1, opts.batch_size), device=device)
+            for prefix, scores in scored.items():
                 other.update({prefix + k: v for k, v in scores.items() if not k.startswith(("AP_", "AR"))})
                 log.info("  %s: AP %.3f AP50 %.3f", prefix.rstrip("_"), scores["AP"], scores["AP50"])
             _log_row(out / "eval.csv", {"step": global_step, "epoch": epoch,
