@@ -62,6 +62,10 @@ def register(sub) -> None:
                                "fine phase on a slow machine as on a fast one"),
             ("workers", int, "data loader processes, default 1"), ("seed", int, "default 42")]:
         p.add_argument(f"--{name}", type=kind, help=help_text)
+    p.add_argument("--schedule", choices=["step", "linear", "cosine"],
+                   help="learning rate after the warm-up: step (default; the official x0.1 drops, --lr-drop, "
+                        "--drop-at) or a decay to 0 over the run (--max-steps, --time-limit or --epochs: "
+                        "whichever ends first), linear or cosine")
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false", default=None)
     p.add_argument("--encoder-head", type=float, nargs="?", const=1.0, metavar="W",
                    help="one-to-many class and box supervision of every encoder cell, its loss weighted W "

@@ -8,9 +8,10 @@ import torch
 from detr_edge.cli import main
 from detr_edge.train.config import DETRConfig
 from detr_edge.train.criterion import SetCriterion
-from detr_edge.train.denoising import Denoising, query_attention_mask
+from detr_edge.train.denoising import Denoising
 from detr_edge.train.detr import DETR
 from detr_edge.train.engine import TrainingModel
+from detr_edge.train.transformer import QueryBlocks, blockwise_self_attention
 from detr_edge.train.synth import synthesize
 
 CONFIG = DETRConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=32,
@@ -28,8 +29,26 @@ def test_the_mask_keeps_matching_and_denoising_queries_apart():
     # 3 own queries, 1 more group of 3, 2 denoising groups of 4; True = blocked; rows attend to columns
     o, g, d = [1] * 3 + [0] * 11, [0] * 3 + [1] * 3 + [0] * 8, [1] * 3 + [0] * 3
     expected = ([o] * 3 + [g] * 3 + [d + [1] * 4 + [0] * 4] * 4 + [d + [0] * 4 + [1] * 4] * 4)
-    assert torch.equal(query_attention_mask(3, 2, queries), ~torch.tensor(expected, dtype=torch.bool))
-    assert query_attention_mask(3) is None
+    assert torch.equal(QueryBlocks(3, 2, queries.groups, 2 * queries.pad).mask(),
+                       ~torch.tensor(expected, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("blocks", [QueryBlocks(3), QueryBlocks(3, 4), QueryBlocks(5, 2, 3, 4), QueryBlocks(4, 1, 2, 6)])
+def test_blockwise_attention_is_the_masked_attention(blocks):
+    """The decoder attends block by block; nn.MultiheadAttention under the dense mask (the
+    official way to say it) gives the same outputs and the same gradients."""
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(32, 4, dropout=0.0)
+    length = blocks.own * blocks.groups + blocks.denoising_groups * blocks.denoising_size
+    q, k, v = (torch.randn(length, 2, 32, requires_grad=True) for _ in range(3))
+    ours = blockwise_self_attention(attn, q, k, v, blocks)
+    reference = attn(q, k, v, attn_mask=blocks.mask())[0]
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+    weights = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * weights).sum(), [q, k, v, attn.in_proj_weight])
+    expected = torch.autograd.grad((reference * weights).sum(), [q, k, v, attn.in_proj_weight])
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_matching_queries_decode_as_without_denoising_and_denoising_groups_are_blind():
@@ -40,7 +59,7 @@ def test_matching_queries_decode_as_without_denoising_and_denoising_groups_are_b
     with torch.no_grad():
         plain = trainer.model(images, mask)
         queries = trainer.denoising(targets())
-        extra = trainer._extra(2, queries, images.device)
+        extra = trainer._extra(2, queries)
         out = trainer.model(images, mask, extra)
         # the second denoising group's inputs replaced by noise
         noisy = extra._replace(pos=extra.pos.clone(), content=extra.content.clone())

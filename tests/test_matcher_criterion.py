@@ -126,8 +126,8 @@ def test_aux_losses_one_term_per_decoder_layer():
 
 def test_group_detr_groups_are_blind_and_matched_separately():
     from detr_edge.train.config import DETRConfig
-    from detr_edge.train.denoising import query_attention_mask
     from detr_edge.train.detr import DETR, ExtraQueries
+    from detr_edge.train.transformer import QueryBlocks
     torch.manual_seed(0)
     model = DETR(DETRConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
                             dim_feedforward=32, num_queries=6, num_classes=3, dropout=0.0)).eval()
@@ -136,7 +136,7 @@ def test_group_detr_groups_are_blind_and_matched_separately():
     with torch.no_grad():
         plain = model(images)
         grouped = model(images, extra=ExtraQueries(extra[:, None].expand(-1, 2, -1), torch.zeros(12, 2, 32),
-                                                   query_attention_mask(6, groups=3)))
+                                                   QueryBlocks(6, groups=3)))
     assert grouped["pred_logits"].shape == (2, 18, 4)
     # the model's own queries do not see the extra groups: identical to plain DETR
     assert torch.allclose(grouped["pred_logits"][:, :6], plain["pred_logits"], atol=1e-5)

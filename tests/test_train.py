@@ -134,7 +134,7 @@ def test_resume_refuses_a_checkpoint_without_training_state(shapes, tmp_path):
                                                     "state to resume; start from it with --weights")
 
 
-def test_trainer_runs_the_backbone_channels_last_with_the_same_outputs_and_saves_contiguous(tmp_path):
+def test_trainer_runs_the_backbone_channels_last_but_layer4_with_the_same_outputs_and_saves_contiguous(tmp_path):
     import copy
 
     from conftest import small_config
@@ -147,6 +147,7 @@ def test_trainer_runs_the_backbone_channels_last_with_the_same_outputs_and_saves
     trainer = TrainingModel(model)
     conv = trainer.model.backbone[0].body.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert all(p.is_contiguous() for p in trainer.model.backbone[0].body.layer4.parameters())  # weight-bound
     images, mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
     mask[1, :, 64:] = True
     with torch.no_grad():
@@ -246,6 +247,21 @@ def test_max_steps_ends_the_run_and_drop_at_takes_its_share_of_them(shapes, tmp_
     rows = read_csv(out / "metrics.csv")
     assert [int(row["step"]) for row in rows] == list(range(1, 21))
     assert [float(row["lr"]) for row in rows[9:]] == [1e-4] * 3 + [1e-5] * 8  # 0.6 of 20: from step 12
+
+
+@pytest.mark.parametrize("kind,factors", [("linear", [1, 0.75, 0.5, 0.25]),
+                                          ("cosine", [1, 0.853553, 0.5, 0.146447])])
+def test_decaying_schedules_reach_zero_at_the_end_of_the_run(shapes, tmp_path, kind, factors):
+    """Budgeted training's schedules: the rate after the warm-up falls to 0 over --max-steps."""
+    out = tmp_path / kind
+    assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "100", "--eval-every", "0",
+                 "--lr", "1e-4", "--max-steps", "4", "--schedule", kind]) == 0
+    assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")] == pytest.approx([1e-4 * f for f in factors], rel=1e-5)
+    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--schedule", kind,
+                   "--max-steps", "4", "--drop-at", "0.8")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == (
+        f"detr-edge: error: --drop-at belongs to the step schedule; --schedule {kind} decays over the whole run")
 
 
 def test_weight_average_follows_its_ramped_decay_and_copies_batchnorm_counters():

@@ -67,6 +67,19 @@ class Backbone(nn.Module):
         return features, downsample_mask(mask, features.shape[-2:])
 
 
+def training_memory_format(backbone: nn.Module) -> None:
+    """Channels-last memory order for training, where activations outweigh weights: the stem
+    to layer3, whose convolutions run faster so on CPUs (oneDNN). layer4 keeps the default
+    order: at the demo's size its maps are 4x4 and its 512-channel weights dominate, and a
+    channels-last weight costs there a reordered gradient per convolution and a contiguous
+    copy per step in the fused AdamW (5% of the step, benchmarks/train_speed.py). The same
+    values either way."""
+    backbone.to(memory_format=torch.channels_last)
+    layer4 = backbone[0].body.layer4
+    layer4.to(memory_format=torch.contiguous_format)
+    layer4.register_forward_pre_hook(lambda _module, inputs: (inputs[0].contiguous(),))
+
+
 def downsample_mask(mask: torch.Tensor, size) -> torch.Tensor:
     """The padding mask [B,H,W] at a feature map's size: nearest-neighbour, as the official code."""
     return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]

@@ -10,9 +10,10 @@ to two halves, which must answer "no object". Their targets are known, so no mat
 is involved: a stable signal while the Hungarian matching still flips (DN-DETR's
 analysis). A query's content (the decoder's starting target, zeros for learned queries)
 is its label's embedding, its position an MLP of its box's sine encoding (DAB-DETR's
-anchor encoding). The attention mask keeps the matching queries from seeing any
-denoising query (they would read the answers) and each denoising group from seeing the
-others; denoising queries see the model's own queries, as in DINO. Images with fewer
+anchor encoding). The decoder's self-attention (transformer.QueryBlocks) keeps the
+matching queries from seeing any denoising query (they would read the answers) and each
+denoising group from seeing the others; denoising queries see the model's own queries,
+as in DINO. Images with fewer
 objects than the batch's most pad their groups with queries that learn "no object".
 
 The module is dropped after training: checkpoints and exports are plain DETR.
@@ -92,20 +93,3 @@ class Denoising(nn.Module):
             indices.append((slots, torch.arange(n, device=device).repeat(groups)))
         queries = [x.flatten(1, 3).transpose(0, 1) for x in (pos, content, noised, labels)]
         return DenoisingQueries(*queries, groups, pad, indices)
-
-
-def query_attention_mask(own: int, groups: int = 1, denoising: DenoisingQueries | None = None,
-                         device=None) -> torch.Tensor | None:
-    """The decoder self-attention mask [Q,Q] (True = blocked) of the model's own `own`
-    queries, `groups - 1` more groups of as many (Group DETR: no group sees another) and
-    the denoising groups after them (seen by none of the matching queries, blind to each
-    other, seeing the model's own queries). None when there is nothing to keep apart. Made
-    on `device`: a mask copied there would make the step wait."""
-    blocks = [torch.ones(own, own, dtype=torch.bool, device=device)] * groups
-    if denoising is not None:
-        blocks += [torch.ones(2 * denoising.pad, 2 * denoising.pad, dtype=torch.bool, device=device)] * denoising.groups
-    if len(blocks) == 1:
-        return None
-    visible = torch.block_diag(*blocks)
-    visible[own * groups:, :own] = True
-    return ~visible

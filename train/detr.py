@@ -13,7 +13,7 @@ from torchvision.ops import box_convert, clip_boxes_to_image
 from .backbone import Backbone, Joiner
 from .config import DETRConfig
 from .position_encoding import PositionEmbeddingSine
-from .transformer import Transformer
+from .transformer import QueryBlocks, Transformer
 
 
 class MLP(nn.Module):
@@ -33,10 +33,10 @@ class MLP(nn.Module):
 class ExtraQueries(NamedTuple):
     """Queries decoded after the model's own N in training: pos [M,B,d] their positional
     queries, content [M,B,d] their decoder targets at the start (zeros for learned ones),
-    attn_mask [N+M,N+M] the decoder's self-attention mask (True = blocked)."""
+    blocks: which of the N+M queries see which in the decoder's self-attention."""
     pos: torch.Tensor
     content: torch.Tensor
-    attn_mask: torch.Tensor
+    blocks: QueryBlocks
 
 
 class DETR(nn.Module):

@@ -23,16 +23,17 @@ from torch.nn.parallel import DistributedDataParallel
 from detr_edge.runtime.coco import find_split
 from detr_edge.runtime.errors import UserError
 
-from .backbone import downsample_mask
+from .backbone import downsample_mask, training_memory_format
 from .checkpoint import load_model, read_checkpoint, save_checkpoint
 from .config import DETRConfig, checkpoint_config, preset
 from .criterion import SetCriterion
 from .data import CocoDetection, Transform, collate
 from .dense_head import BACKBONE_HEAD_LEVELS, DenseHead
-from .denoising import Denoising, query_attention_mask
+from .denoising import Denoising
 from .detr import DETR, ExtraQueries
 from .evaluate import evaluate
 from .matcher import HungarianMatcher
+from .transformer import QueryBlocks
 
 log = logging.getLogger("detr_edge")
 
@@ -69,6 +70,7 @@ class TrainOptions:
     max_steps: int = 0               # steps in all; 0 = none (the epochs bound the run)
     drop_at: float = 0.0             # share of the run (max_steps or time_limit, whichever ends first)
                                      # after which lr drops x0.1; 0 = only the epoch drop
+    schedule: str = "step"           # step: x0.1 drops (the official); linear / cosine: to 0 over the run
     ema: float = 0.0                 # decay of the weights' moving average (evaluated and saved); 0 = none
     workers: int = 1
     device: str = "cpu"
@@ -79,7 +81,7 @@ class TrainOptions:
 # what defines a run: `--resume` takes these from the checkpoint (given again, they must
 # agree); where the data is, how long, how often to evaluate or save, on what device, may change
 RUN_DEFINING = ("preset", "weights", "imgsz", "recipe", "zoom", "batch_size", "lr", "lr_backbone", "weight_decay",
-                "clip_max_norm", "lr_drop", "warmup", "eos_coef", "class_weight", "aux_loss", "groups", "denoise",
+                "clip_max_norm", "lr_drop", "warmup", "schedule", "eos_coef", "class_weight", "aux_loss", "groups", "denoise",
                 "encoder_head", "backbone_head", "contiguous", "ema", "seed")
 
 
@@ -131,13 +133,13 @@ class TrainingModel(torch.nn.Module):
     - dense heads (train/dense_head.py): one-to-many supervision of the encoder's cells
       and, optionally, of backbone levels (read by forward hooks, so DETR stays untouched).
 
-    The backbone trains in channels-last memory order: 4% faster steps on CPUs (measured
-    side by side, benchmarks/train_speed.py), the same values."""
+    The backbone trains mostly in channels-last memory order (train/backbone.py's
+    training_memory_format): faster steps on CPUs, the same values."""
 
     def __init__(self, model: DETR, groups: int = 1, encoder_head: bool = False, backbone_head=(), denoise: int = 0):
         super().__init__()
         self.model, self.groups = model, groups
-        model.backbone.to(memory_format=torch.channels_last)
+        training_memory_format(model.backbone)
         extra = (groups - 1) * model.config.num_queries
         self.group_queries = torch.nn.Parameter(torch.randn(extra, model.config.hidden_dim)) if extra else None
         d, classes = model.config.hidden_dim, model.config.num_classes
@@ -156,7 +158,7 @@ class TrainingModel(torch.nn.Module):
         """`targets` feed the denoising queries (their outputs come last, `out['denoising']` says how)."""
         denoising = self.denoising(targets) if self.denoising is not None and targets is not None else None
         out = self.model(images.contiguous(memory_format=torch.channels_last), mask,
-                         self._extra(images.shape[0], denoising, images.device))
+                         self._extra(images.shape[0], denoising))
         if denoising is not None:
             out["denoising"] = denoising
         dense = {}
@@ -169,11 +171,12 @@ class TrainingModel(torch.nn.Module):
             out["dense_outputs"] = dense
         return out
 
-    def _extra(self, batch: int, denoising, device) -> ExtraQueries | None:
-        """The query groups' and the denoising queries' inputs and mask, in that order."""
-        attn_mask = query_attention_mask(self.model.config.num_queries, self.groups, denoising, device)
-        if attn_mask is None:
+    def _extra(self, batch: int, denoising) -> ExtraQueries | None:
+        """The query groups' and the denoising queries' inputs, in that order, and who sees whom."""
+        if self.groups == 1 and denoising is None:
             return None
+        blocks = QueryBlocks(self.model.config.num_queries, self.groups,
+                             *((denoising.groups, 2 * denoising.pad) if denoising is not None else ()))
         pos, content = [], []
         if self.group_queries is not None:  # learned queries: their decoder targets start at zero
             pos.append(self.group_queries[:, None].expand(-1, batch, -1))
@@ -181,7 +184,7 @@ class TrainingModel(torch.nn.Module):
         if denoising is not None:
             pos.append(denoising.pos)
             content.append(denoising.content)
-        return ExtraQueries(torch.cat(pos), torch.cat(content), attn_mask)
+        return ExtraQueries(torch.cat(pos), torch.cat(content), blocks)
 
     def training_parts(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}  # detached
@@ -229,19 +232,26 @@ def clip_gradients(trainer: TrainingModel, max_norm: float) -> None:
 
 
 class LrSchedule:
-    """The learning-rate factor per step: linear warm-up, then x0.1 from the epoch drop
-    (`--lr-drop`), from `--drop-at` of `--max-steps`, or from the step at which `--drop-at`
-    of `--time-limit` had passed, whichever comes first: a bounded run ends in its fine
-    phase whether its steps or its time run out first (a slow machine drops by time, a
-    fast one by steps). A callable object, so the scheduler's state saves the time drop's
-    step and a resumed run keeps it; the step drops follow the current options."""
+    """The learning-rate factor per step: linear warm-up, then either x0.1 from the epoch
+    drop (`--lr-drop`), from `--drop-at` of `--max-steps`, or from the step at which
+    `--drop-at` of `--time-limit` had passed, whichever comes first (`step`: a bounded run
+    ends in its fine phase whether its steps or its time run out first, so a slow machine
+    drops by time and a fast one by steps); or a decay to 0 over the run (`linear`, `cosine`:
+    budgeted training's schedules), by the share of the run spent, in steps or in time,
+    whichever is further. A callable object, so the scheduler's state saves the time drop's
+    step and the share spent, and a resumed run keeps them; the step drops follow the
+    current options."""
 
-    def __init__(self, warmup: int, drop_step: float):
+    def __init__(self, warmup: int, drop_step: float, kind: str = "step", run_steps: float = math.inf):
         self.warmup, self.drop_step, self.time_drop_step = warmup, drop_step, math.inf
+        self.kind, self.run_steps, self.spent = kind, run_steps, 0.0  # spent: the largest share of the time seen
 
     def __call__(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
-        return warm * (0.1 if step >= min(self.drop_step, self.time_drop_step) else 1.0)
+        if self.kind == "step":
+            return warm * (0.1 if step >= min(self.drop_step, self.time_drop_step) else 1.0)
+        left = max(0.0, 1.0 - max(self.spent, step / self.run_steps))
+        return warm * (left if self.kind == "linear" else 0.5 * (1 - math.cos(math.pi * left)))
 
 
 class WeightAverage:
@@ -276,6 +286,8 @@ def build(opts: TrainOptions):
         raise UserError(f"encoder head weight {opts.encoder_head}: must be >= 0")
     if opts.drop_at and not (0 < opts.drop_at < 1 and (opts.time_limit or opts.max_steps)):
         raise UserError(f"--drop-at {opts.drop_at}: needs --time-limit or --max-steps and a share between 0 and 1")
+    if opts.schedule != "step" and opts.drop_at:
+        raise UserError(f"--drop-at belongs to the step schedule; --schedule {opts.schedule} decays over the whole run")
     if opts.max_steps < 0:
         raise UserError(f"--max-steps {opts.max_steps}: must be >= 0")
     if not 0 <= opts.ema < 1:
@@ -345,7 +357,8 @@ def train(opts: TrainOptions) -> dict:
     deployed = ema.module if ema else model
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
-    schedule = LrSchedule(opts.warmup, _drop_step(opts, sampler.batches))
+    schedule = LrSchedule(opts.warmup, _drop_step(opts, sampler.batches), opts.schedule,
+                          min(opts.max_steps or math.inf, opts.epochs * sampler.batches))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and device.type == "cuda")
     epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
@@ -410,6 +423,9 @@ def train(opts: TrainOptions) -> dict:
             lr = optimizer.param_groups[0]["lr"]  # the rate this step trained with
             step_in_epoch += 1
             global_step += 1
+            if opts.schedule != "step" and opts.time_limit:
+                schedule.spent = max(schedule.spent, _rank_max((time.monotonic() - start) / (opts.time_limit * 60),
+                                                               world, device))
             if (schedule.time_drop_step == math.inf and drop_time < math.inf
                     and _any_rank(time.monotonic() > drop_time, world, device)):
                 schedule.time_drop_step = global_step
@@ -491,13 +507,18 @@ def _drop_step(opts: TrainOptions, batches: int) -> float:
     return min(opts.lr_drop * batches, by_steps)
 
 
-def _any_rank(flag: bool, world: int, device) -> bool:
-    """True when any process says so: ranks must stop at the same step or DDP hangs."""
+def _rank_max(value: float, world: int, device) -> float:
+    """The largest of the processes' values: ranks must stop, and set their rates, alike or DDP hangs or drifts."""
     if world == 1:
-        return flag
-    value = torch.tensor(float(flag), device=device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor(float(value), device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    """True when any process says so."""
+    return bool(_rank_max(float(flag), world, device))
 
 
 def _elapsed(start: float) -> str:
