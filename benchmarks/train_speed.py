@@ -17,10 +17,16 @@ Its model gets our model's weights (the state-dict keys are the same), so the tw
 losses on the first batch must agree; the script prints the difference. The official
 step is its main.py/engine.py recipe: AdamW with torch's defaults, clip_grad_norm_ 0.1.
 
+`--denoise N [N ...]` times instead the demo's recipe (detr_r18_tiny from scratch, 4
+classes, 4 query groups, the dense heads on the encoder and layer3, class weight 2) with
+N denoising queries per image, side by side: what each costs per step.
+
     .venv/bin/python benchmarks/train_speed.py [--official ../detr] [--scratch] [--compile] [--steps 30] [--batch 16]
+    .venv/bin/python benchmarks/train_speed.py --denoise 0 100 200
 """
 import argparse
 import statistics
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -31,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 from detr_edge.train.backbone import FoldedFrozenBatchNorm2d, FoldingConv2d  # noqa: E402
-from detr_edge.train.config import DETRConfig  # noqa: E402
+from detr_edge.train.config import DETRConfig, preset  # noqa: E402
 from detr_edge.train.criterion import SetCriterion  # noqa: E402
 from detr_edge.train.detr import DETR  # noqa: E402
 from detr_edge.train.engine import TrainingModel, TrainOptions, clip_gradients, optimizer_for  # noqa: E402
+from detr_edge.train.matcher import HungarianMatcher  # noqa: E402
 
 LR, LR_BACKBONE = 1e-4, 1e-5  # the official defaults
 
@@ -67,6 +74,25 @@ def ours(config: DETRConfig, before: bool = False, weights: dict | None = None, 
         optimizer.step()
         return losses["loss"]
     return trainer, optimizer, step
+
+
+def demo_recipe(denoise: int):
+    """The demo's training step (detr_edge/demo.py's TRAIN) with `denoise` queries per image."""
+    torch.manual_seed(0)
+    config, _ = preset("detr_r18_tiny")
+    model = DETR(replace(config, num_classes=4)).train()
+    trainer = TrainingModel(model, groups=4, encoder_head=True, backbone_head=("layer3",), denoise=denoise)
+    criterion = SetCriterion(4, HungarianMatcher(cost_class=2), loss_ce=2, groups=4, dense_weight=4)
+    optimizer = optimizer_for(trainer, TrainOptions(data="", lr=6e-4, lr_backbone=6e-4))
+
+    def step(images, mask, targets):
+        losses = criterion(trainer(images, mask, targets), targets)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        clip_gradients(trainer, 0.1)
+        optimizer.step()
+        return losses["loss"]
+    return step
 
 
 def official(root: Path, config: DETRConfig, weights: dict):
@@ -115,6 +141,26 @@ def official(root: Path, config: DETRConfig, weights: dict):
     return model, optimizer, step
 
 
+def time_steps(runs: dict, args, images, mask, targets, kind: str) -> dict:
+    """Alternating steps of each run; prints and returns the median seconds per step."""
+    times = {name: [] for name in runs}
+    for i in range(args.warmup + args.steps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(images, mask, targets)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    print(f"training step ({kind}), batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
+          f"torch {torch.__version__}, {args.steps} {'alternating ' if len(runs) > 1 else ''}steps:")
+    median = {name: statistics.median(t) for name, t in times.items()}
+    first = next(iter(median.values()))
+    for name, value in median.items():
+        print(f"  {name:11s} median {value * 1000:6.0f} ms/step, {args.batch / value:5.1f} images/s "
+              f"(min {min(times[name]) * 1000:.0f}, max {max(times[name]) * 1000:.0f} ms), "
+              f"{value / first:.2f}x the first's time")
+    return median
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--official", type=Path, help="a checkout of facebookresearch/detr, timed side by side")
@@ -125,9 +171,12 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scratch", action="store_true", help="trainable BatchNorm, all layers train")
     parser.add_argument("--compile", action="store_true", help="also time our step through torch.compile")
+    parser.add_argument("--denoise", type=int, nargs="+", help="time the demo's recipe with these denoising queries")
     args = parser.parse_args()
     if args.official and args.scratch:
         parser.error("--scratch has no official counterpart (its backbone always has frozen BatchNorm)")
+    if args.denoise and (args.official or args.scratch or args.compile):
+        parser.error("--denoise times the demo's recipe alone")
     if args.official and not (args.official / "models" / "detr.py").is_file():
         parser.error(f"{args.official} is not a checkout of facebookresearch/detr (no models/detr.py)")
     torch.set_num_threads(args.threads)
@@ -137,6 +186,10 @@ def main():
     images = torch.randn(args.batch, 3, args.size, args.size)
     mask = torch.zeros(args.batch, args.size, args.size, dtype=torch.bool)
     targets = [{"labels": torch.randint(0, 3, (3,)), "boxes": torch.rand(3, 4) * 0.5 + 0.25} for _ in range(args.batch)]
+    if args.denoise:
+        return time_steps({f"denoise {n}": demo_recipe(n) for n in args.denoise}, args, images, mask,
+                          [{"labels": torch.randint(0, 4, (k,)), "boxes": torch.rand(k, 4) * 0.4 + 0.3}
+                           for k in [1, 2, 3] * (args.batch // 3) + [2] * (args.batch % 3)], "the demo's recipe")
     trainer, optimizer, step = ours(config)
     runs = {"detr-edge": step}
     if not args.scratch:  # the step before issue 24's changes, for the before/after
@@ -157,20 +210,8 @@ def main():
         print("same weights, first batch: loss " + ", ".join(f"{v:.6f} ({k})" for k, v in first.items())
               + "; |diff| to detr-edge " + ", ".join(f"{abs(v - first['detr-edge']):.1e} ({k})"
                                                     for k, v in first.items() if k != "detr-edge"))
-    times = {name: [] for name in runs}
-    for i in range(args.warmup + args.steps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run(images, mask, targets)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
     kind = "trainable BN, all layers" if args.scratch else "frozen BN, layer2-4 train (official)"
-    print(f"training step ({kind}), batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
-          f"torch {torch.__version__}, {args.steps} {'alternating ' if len(runs) > 1 else ''}steps:")
-    median = {name: statistics.median(t) for name, t in times.items()}
-    for name, value in median.items():
-        print(f"  {name:10s} median {value * 1000:6.0f} ms/step, {args.batch / value:5.1f} images/s "
-              f"(min {min(times[name]) * 1000:.0f}, max {max(times[name]) * 1000:.0f} ms)")
+    median = time_steps(runs, args, images, mask, targets, kind)
     if "compiled" in median:
         print(f"  torch.compile: {median['detr-edge'] / median['compiled']:.3f}x the eager step")
     if "before" in median:
