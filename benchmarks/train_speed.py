@@ -18,8 +18,9 @@ losses on the first batch must agree; the script prints the difference. The offi
 step is its main.py/engine.py recipe: AdamW with torch's defaults, clip_grad_norm_ 0.1.
 
 `--denoise N [N ...]` times instead the demo's recipe (detr_r18_tiny from scratch, 4
-classes, 4 query groups, the dense heads on the encoder and layer3, class weight 2) with
-N denoising queries per image, side by side: what each costs per step.
+classes, 4 query groups, the dense heads on the encoder and layer3, class weight 2; the
+weight average's update left out) with N denoising queries per image, side by side: what
+each costs per step.
 
     .venv/bin/python benchmarks/train_speed.py [--official ../detr] [--scratch] [--compile] [--steps 30] [--batch 16]
     .venv/bin/python benchmarks/train_speed.py --denoise 0 100 200
@@ -62,6 +63,7 @@ def ours(config: DETRConfig, before: bool = False, weights: dict | None = None, 
     trainer = TrainingModel(model)
     if before:
         model.backbone.to(memory_format=torch.channels_last)
+        model.backbone[0].body.layer4._forward_pre_hooks.clear()  # its input channels-last too, as then
     criterion = SetCriterion(config.num_classes)
     optimizer = optimizer_for(trainer, TrainOptions(data="", lr=LR, lr_backbone=LR_BACKBONE))
     forward = torch.compile(trainer) if compile_model else trainer

@@ -1,5 +1,6 @@
 """The training loop: it learns, it resumes after SIGKILL, and it runs under torchrun (gloo)."""
 import csv
+import math
 import os
 import shutil
 import signal
@@ -257,11 +258,40 @@ def test_decaying_schedules_reach_zero_at_the_end_of_the_run(shapes, tmp_path, k
     assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "100", "--eval-every", "0",
                  "--lr", "1e-4", "--max-steps", "4", "--schedule", kind]) == 0
     assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")] == pytest.approx([1e-4 * f for f in factors], rel=1e-5)
+    # resumed with a longer run: the decay stretches to the new bound from where it stands
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
+                 "--max-steps", "8", "--eval-every", "0"]) == 0
+    left = [1 - step / 8 for step in range(4, 8)]
+    expected = [x if kind == "linear" else 0.5 * (1 - math.cos(math.pi * x)) for x in left]
+    assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")[4:]] == pytest.approx(
+        [1e-4 * f for f in expected], rel=1e-5)
     proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--schedule", kind,
                    "--max-steps", "4", "--drop-at", "0.8")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip() == (
         f"detr-edge: error: --drop-at belongs to the step schedule; --schedule {kind} decays over the whole run")
+
+
+def test_resumed_optimizer_state_takes_its_parameters_memory_order():
+    """torch's fused CPU AdamW goes wrong where a state's memory order differs from its
+    parameter's: state saved while a layer trained channels-last is reordered on resume."""
+    from detr_edge.train.engine import _match_parameter_layouts
+    torch.manual_seed(0)
+    weight, grad = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
+    updated = {}
+    for fused in (True, False):
+        param = torch.nn.Parameter(weight.clone())
+        optimizer = torch.optim.AdamW([param], lr=0.1, fused=fused, foreach=False if not fused else None)
+        param.grad = grad.clone()
+        optimizer.step()
+        state = optimizer.state[param]
+        state["exp_avg"] = state["exp_avg"].contiguous(memory_format=torch.channels_last)  # as a saved state
+        _match_parameter_layouts(optimizer)
+        assert state["exp_avg"].stride() == param.stride()
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        updated[fused] = param.detach().clone()
+    torch.testing.assert_close(updated[True], updated[False], atol=1e-6, rtol=1e-5)
 
 
 def test_weight_average_follows_its_ramped_decay_and_copies_batchnorm_counters():

@@ -239,8 +239,8 @@ class LrSchedule:
     drops by time and a fast one by steps); or a decay to 0 over the run (`linear`, `cosine`:
     budgeted training's schedules), by the share of the run spent, in steps or in time,
     whichever is further. A callable object, so the scheduler's state saves the time drop's
-    step and the share spent, and a resumed run keeps them; the step drops follow the
-    current options."""
+    step and the share spent, and a resumed run keeps them; the step drops and the run's
+    length follow the current options."""
 
     def __init__(self, warmup: int, drop_step: float, kind: str = "step", run_steps: float = math.inf):
         self.warmup, self.drop_step, self.time_drop_step = warmup, drop_step, math.inf
@@ -357,8 +357,8 @@ def train(opts: TrainOptions) -> dict:
     deployed = ema.module if ema else model
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
-    schedule = LrSchedule(opts.warmup, _drop_step(opts, sampler.batches), opts.schedule,
-                          min(opts.max_steps or math.inf, opts.epochs * sampler.batches))
+    run_steps = min(opts.max_steps or math.inf, opts.epochs * sampler.batches)
+    schedule = LrSchedule(opts.warmup, _drop_step(opts, sampler.batches), opts.schedule, run_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and device.type == "cuda")
     epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
@@ -370,6 +370,8 @@ def train(opts: TrainOptions) -> dict:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["lr_scheduler"])
         schedule.warmup, schedule.drop_step = opts.warmup, _drop_step(opts, sampler.batches)
+        schedule.run_steps = run_steps
+        _match_parameter_layouts(optimizer)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the next step's rate, as they say
             group["lr"] = base * schedule(scheduler.last_epoch)
         epoch, step_in_epoch = resumed["epoch"], resumed["step_in_epoch"]
@@ -384,8 +386,6 @@ def train(opts: TrainOptions) -> dict:
     writer = _tensorboard(out) if main_process else None
     csv_path = out / "metrics.csv"
     start = time.monotonic()
-    deadline = start + opts.time_limit * 60 if opts.time_limit else math.inf
-    drop_time = start + opts.drop_at * opts.time_limit * 60 if opts.drop_at and opts.time_limit else math.inf
     metrics = {}
     logged = LossLog()
 
@@ -423,11 +423,12 @@ def train(opts: TrainOptions) -> dict:
             lr = optimizer.param_groups[0]["lr"]  # the rate this step trained with
             step_in_epoch += 1
             global_step += 1
-            if opts.schedule != "step" and opts.time_limit:
-                schedule.spent = max(schedule.spent, _rank_max((time.monotonic() - start) / (opts.time_limit * 60),
-                                                               world, device))
-            if (schedule.time_drop_step == math.inf and drop_time < math.inf
-                    and _any_rank(time.monotonic() > drop_time, world, device)):
+            # the share of --time-limit spent, the largest of the processes' (they must agree)
+            spent = _rank_max((time.monotonic() - start) / (opts.time_limit * 60), world, device) \
+                if opts.time_limit else 0.0
+            if opts.schedule != "step":
+                schedule.spent = max(schedule.spent, spent)
+            elif opts.drop_at and schedule.time_drop_step == math.inf and spent > opts.drop_at:
                 schedule.time_drop_step = global_step
                 log.info("%.0f%% of the time limit passed: learning rate x0.1 from step %d on",
                          100 * opts.drop_at, global_step + 1)
@@ -439,8 +440,7 @@ def train(opts: TrainOptions) -> dict:
                             "images_per_s": seen / max(time.monotonic() - tick, 1e-9)}, losses)
             if opts.save_every and global_step % opts.save_every == 0:
                 save("last.pth")
-            if (opts.max_steps and global_step >= opts.max_steps) or (
-                    deadline < math.inf and _any_rank(time.monotonic() > deadline, world, device)):
+            if (opts.max_steps and global_step >= opts.max_steps) or spent >= 1:
                 out_of_budget = True
                 break
         logged.write(csv_path, writer, progress)
@@ -507,6 +507,16 @@ def _drop_step(opts: TrainOptions, batches: int) -> float:
     return min(opts.lr_drop * batches, by_steps)
 
 
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state loaded from a checkpoint keeps the memory order it was saved in; torch's
+    fused CPU AdamW computes wrong updates where a state's order differs from its parameter's
+    (a checkpoint saved while a layer trained channels-last, resumed after it changed)."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param).copy_(value)
+
+
 def _rank_max(value: float, world: int, device) -> float:
     """The largest of the processes' values: ranks must stop, and set their rates, alike or DDP hangs or drifts."""
     if world == 1:
@@ -514,11 +524,6 @@ def _rank_max(value: float, world: int, device) -> float:
     tensor = torch.tensor(float(value), device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.item()
-
-
-def _any_rank(flag: bool, world: int, device) -> bool:
-    """True when any process says so."""
-    return bool(_rank_max(float(flag), world, device))
 
 
 def _elapsed(start: float) -> str:
