@@ -33,7 +33,8 @@ def test_the_mask_keeps_matching_and_denoising_queries_apart():
                        ~torch.tensor(expected, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("blocks", [QueryBlocks(3), QueryBlocks(3, 4), QueryBlocks(5, 2, 3, 4), QueryBlocks(4, 1, 2, 6)])
+@pytest.mark.parametrize("blocks", [QueryBlocks(3), QueryBlocks(3, 4), QueryBlocks(5, 2, 3, 4),
+                                    QueryBlocks(4, 1, 2, 6)])
 def test_blockwise_attention_is_the_masked_attention(blocks):
     """The decoder attends block by block; nn.MultiheadAttention under the dense mask (the
     official way to say it) gives the same outputs and the same gradients."""

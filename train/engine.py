@@ -81,8 +81,8 @@ class TrainOptions:
 # what defines a run: `--resume` takes these from the checkpoint (given again, they must
 # agree); where the data is, how long, how often to evaluate or save, on what device, may change
 RUN_DEFINING = ("preset", "weights", "imgsz", "recipe", "zoom", "batch_size", "lr", "lr_backbone", "weight_decay",
-                "clip_max_norm", "lr_drop", "warmup", "schedule", "eos_coef", "class_weight", "aux_loss", "groups", "denoise",
-                "encoder_head", "backbone_head", "contiguous", "ema", "seed")
+                "clip_max_norm", "lr_drop", "warmup", "schedule", "eos_coef", "class_weight", "aux_loss", "groups",
+                "denoise", "encoder_head", "backbone_head", "contiguous", "ema", "seed")
 
 
 def resume_options(given: dict) -> TrainOptions:
