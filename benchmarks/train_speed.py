@@ -27,9 +27,9 @@ each costs per step.
 """
 import argparse
 import statistics
-from dataclasses import replace
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,10 +41,14 @@ from detr_edge.train.backbone import FoldedFrozenBatchNorm2d, FoldingConv2d  # n
 from detr_edge.train.config import DETRConfig, preset  # noqa: E402
 from detr_edge.train.criterion import SetCriterion  # noqa: E402
 from detr_edge.train.detr import DETR  # noqa: E402
-from detr_edge.train.engine import TrainingModel, TrainOptions, clip_gradients, optimizer_for  # noqa: E402
-from detr_edge.train.matcher import HungarianMatcher  # noqa: E402
+from detr_edge.cli import build_parser  # noqa: E402
+from detr_edge.demo import TRAIN  # noqa: E402
+from detr_edge.train.engine import (TrainingModel, TrainOptions, clip_gradients, criterion_for,  # noqa: E402
+                                    optimizer_for, trainer_for)
+from detr_edge.train_cli import train_options  # noqa: E402
 
 LR, LR_BACKBONE = 1e-4, 1e-5  # the official defaults
+DEMO_CLASSES = 4  # the shapes dataset's
 
 
 def ours(config: DETRConfig, before: bool = False, weights: dict | None = None, compile_model: bool = False):
@@ -64,37 +68,34 @@ def ours(config: DETRConfig, before: bool = False, weights: dict | None = None, 
     if before:
         model.backbone.to(memory_format=torch.channels_last)
         model.backbone[0].body.layer4._forward_pre_hooks.clear()  # its input channels-last too, as then
-    criterion = SetCriterion(config.num_classes)
     optimizer = optimizer_for(trainer, TrainOptions(data="", lr=LR, lr_backbone=LR_BACKBONE))
     forward = torch.compile(trainer) if compile_model else trainer
-
-    def step(images, mask, targets):
-        losses = criterion(forward(images, mask), targets)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        clip_gradients(trainer, 0.1)
-        optimizer.step()
-        return losses["loss"]
+    step = training_step(forward, trainer, SetCriterion(config.num_classes), optimizer, 0.1)
     return trainer, optimizer, step
 
 
-def demo_recipe(denoise: int):
-    """The demo's training step (detr_edge/demo.py's TRAIN) with `denoise` queries per image."""
-    torch.manual_seed(0)
-    config, _ = preset("detr_r18_tiny")
-    model = DETR(replace(config, num_classes=4)).train()
-    trainer = TrainingModel(model, groups=4, encoder_head=True, backbone_head=("layer3",), denoise=denoise)
-    criterion = SetCriterion(4, HungarianMatcher(cost_class=2), loss_ce=2, groups=4, dense_weight=4)
-    optimizer = optimizer_for(trainer, TrainOptions(data="", lr=6e-4, lr_backbone=6e-4))
-
+def training_step(forward, trainer, criterion, optimizer, clip_max_norm: float):
+    """One step as train/engine.py takes it (no AMP, no average): forward, set loss, backward,
+    clipping, AdamW."""
     def step(images, mask, targets):
-        losses = criterion(trainer(images, mask, targets), targets)
+        losses = criterion(forward(images, mask, targets), targets)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        clip_gradients(trainer, 0.1)
+        clip_gradients(trainer, clip_max_norm)
         optimizer.step()
         return losses["loss"]
     return step
+
+
+def demo_recipe(denoise: int):
+    """The demo's training step (detr_edge/demo.py's TRAIN, read through `detr-edge train`'s
+    parser) with `denoise` queries per image."""
+    opts = replace(train_options(build_parser().parse_args(["train", "--data", "", *TRAIN])), denoise=denoise)
+    torch.manual_seed(opts.seed)
+    config, _ = preset(opts.preset)
+    trainer = trainer_for(DETR(replace(config, num_classes=DEMO_CLASSES)).train(), opts)
+    return training_step(trainer, trainer, criterion_for(opts, DEMO_CLASSES), optimizer_for(trainer, opts),
+                         opts.clip_max_norm)
 
 
 def official(root: Path, config: DETRConfig, weights: dict):
@@ -190,7 +191,7 @@ def main():
     targets = [{"labels": torch.randint(0, 3, (3,)), "boxes": torch.rand(3, 4) * 0.5 + 0.25} for _ in range(args.batch)]
     if args.denoise:
         return time_steps({f"denoise {n}": demo_recipe(n) for n in args.denoise}, args, images, mask,
-                          [{"labels": torch.randint(0, 4, (k,)), "boxes": torch.rand(k, 4) * 0.4 + 0.3}
+                          [{"labels": torch.randint(0, DEMO_CLASSES, (k,)), "boxes": torch.rand(k, 4) * 0.4 + 0.3}
                            for k in [1, 2, 3] * (args.batch // 3) + [2] * (args.batch % 3)], "the demo's recipe")
     trainer, optimizer, step = ours(config)
     runs = {"detr-edge": step}

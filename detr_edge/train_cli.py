@@ -166,19 +166,27 @@ def _predict(args) -> None:
 
 
 def _train(args) -> None:
+    from detr_edge.train.engine import train
+
+    options = train_options(args)
+    metrics = train(options)
+    if metrics:
+        log.info("final: AP %.3f, AP50 %.3f; checkpoints in %s/", metrics["AP"], metrics["AP50"], options.out)
+
+
+def train_options(args):
+    """`detr-edge train`'s parsed arguments as the engine's TrainOptions (a resumed run's own
+    options restored)."""
     from detr_edge.runtime.metadata import parse_imgsz
 
-    from detr_edge.train.engine import TrainOptions, resume_options, train
+    from detr_edge.train.engine import TrainOptions, resume_options
 
     given = {k: v for k, v in vars(args).items() if k in TrainOptions.__dataclass_fields__ and v is not None}
     if "imgsz" in given:
         given["imgsz"] = parse_imgsz(given["imgsz"])
     if "backbone_head" in given:
         given["backbone_head"] = tuple(level.strip() for level in given["backbone_head"].split(",") if level.strip())
-    options = resume_options(given) if "resume" in given else TrainOptions(**given)
-    metrics = train(options)
-    if metrics:
-        log.info("final: AP %.3f, AP50 %.3f; checkpoints in %s/", metrics["AP"], metrics["AP50"], options.out)
+    return resume_options(given) if "resume" in given else TrainOptions(**given)
 
 
 def _eval(args) -> None:

@@ -13,8 +13,8 @@ is its label's embedding, its position an MLP of its box's sine encoding (DAB-DE
 anchor encoding). The decoder's self-attention (transformer.QueryBlocks) keeps the
 matching queries from seeing any denoising query (they would read the answers) and each
 denoising group from seeing the others; denoising queries see the model's own queries,
-as in DINO. Images with fewer
-objects than the batch's most pad their groups with queries that learn "no object".
+as in DINO. Images with fewer objects than the batch's most pad their groups with
+queries that learn "no object".
 
 The module is dropped after training: checkpoints and exports are plain DETR.
 """

@@ -34,11 +34,11 @@ class QueryBlocks(NamedTuple):
     denoising_groups: int = 0
     denoising_size: int = 0
 
-    def mask(self, device=None) -> torch.Tensor:
-        """The same as an attention mask [Q,Q] (True = blocked; rows attend to columns)."""
-        blocks = ([torch.ones(self.own, self.own, dtype=torch.bool, device=device)] * self.groups
-                  + [torch.ones(self.denoising_size, self.denoising_size, dtype=torch.bool, device=device)]
-                  * self.denoising_groups)
+    def mask(self) -> torch.Tensor:
+        """The same as an attention mask [Q,Q] (True = blocked; rows attend to columns): the
+        definition the block-by-block attention is tested against."""
+        blocks = ([torch.ones(self.own, self.own, dtype=torch.bool)] * self.groups
+                  + [torch.ones(self.denoising_size, self.denoising_size, dtype=torch.bool)] * self.denoising_groups)
         visible = torch.block_diag(*blocks)
         visible[self.own * self.groups:, :self.own] = True
         return ~visible
