@@ -177,6 +177,7 @@ def _train(args) -> None:
 def train_options(args):
     """`detr-edge train`'s parsed arguments as the engine's TrainOptions (a resumed run's own
     options restored)."""
+    from detr_edge.runtime.errors import UserError
     from detr_edge.runtime.metadata import parse_imgsz
 
     from detr_edge.train.engine import TrainOptions, resume_options
@@ -186,7 +187,10 @@ def train_options(args):
         given["imgsz"] = parse_imgsz(given["imgsz"])
     if "backbone_head" in given:
         given["backbone_head"] = tuple(level.strip() for level in given["backbone_head"].split(",") if level.strip())
-    return resume_options(given) if "resume" in given else TrainOptions(**given)
+    opts = resume_options(given) if "resume" in given else TrainOptions(**given)
+    if "lr_drop" in given and opts.schedule != "step":  # its default would pass unseen
+        raise UserError(f"--lr-drop belongs to the step schedule; --schedule {opts.schedule} decays over the whole run")
+    return opts
 
 
 def _eval(args) -> None:

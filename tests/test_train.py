@@ -266,11 +266,12 @@ def test_decaying_schedules_reach_zero_at_the_end_of_the_run(shapes, tmp_path, k
     expected = [x if kind == "linear" else 0.5 * (1 - math.cos(math.pi * x)) for x in left]
     assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")[4:]] == pytest.approx(
         [1e-4 * f for f in expected], rel=1e-5)
-    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--schedule", kind,
-                   "--max-steps", "4", "--drop-at", "0.8")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and err.strip() == (
-        f"detr-edge: error: --drop-at belongs to the step schedule; --schedule {kind} decays over the whole run")
+    for flag, value in (("--drop-at", "0.8"), ("--lr-drop", "5")):  # options of the step schedule: refused
+        proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--schedule", kind,
+                       "--max-steps", "4", flag, value)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and err.strip() == (
+            f"detr-edge: error: {flag} belongs to the step schedule; --schedule {kind} decays over the whole run")
 
 
 def test_resumed_optimizer_state_takes_its_parameters_memory_order():
