@@ -81,7 +81,7 @@ def training_step(forward, trainer, criterion, optimizer, clip_max_norm: float):
         losses = criterion(forward(images, mask, targets), targets)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        clip_gradients(trainer, clip_max_norm)
+        clip_gradients(trainer, optimizer, clip_max_norm)
         optimizer.step()
         return losses["loss"]
     return step
@@ -232,7 +232,7 @@ def main():
         for name, opt in (("ours", optimizer), ("default", default)):
             start = time.perf_counter()
             if name == "ours":
-                clip_gradients(trainer, 0.1)
+                clip_gradients(trainer, optimizer, 0.1)
             else:
                 torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=False)
             opt.step()

@@ -296,6 +296,33 @@ def test_resumed_optimizer_state_takes_its_parameters_memory_order():
     torch.testing.assert_close(updated[True], updated[False], atol=1e-6, rtol=1e-5)
 
 
+def test_clipping_inside_the_fused_adamw_updates_as_clip_grad_norm_then_step():
+    """clip_gradients hands the fused AdamW the clipping factor (its grad_scale) instead of
+    multiplying every gradient: the same parameters as torch's clip_grad_norm_ then step,
+    clipped (norm above 0.1) or not (below), and unclipped with max_norm 0. The gradients
+    grow 10x a step, so that clipping changes Adam's update (a constant factor would not)."""
+    from detr_edge.train.engine import clip_gradients
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 4, 3, 3), torch.randn(16)]
+    for max_norm, grad_size in ((0.1, 1.0), (0.1, 1e-5), (0.0, 1.0)):
+        grads = [torch.randn_like(w) * grad_size for w in weights]
+        updated = []
+        for ours in (True, False):
+            trainer = torch.nn.ParameterList([torch.nn.Parameter(w.clone()) for w in weights])
+            optimizer = torch.optim.AdamW(trainer.parameters(), lr=0.1, fused=True)
+            for step in range(3):
+                for param, grad in zip(trainer, grads):
+                    param.grad = grad * 10 ** step
+                if ours:
+                    clip_gradients(trainer, optimizer, max_norm)
+                elif max_norm:
+                    torch.nn.utils.clip_grad_norm_(list(trainer), max_norm)
+                optimizer.step()
+            updated.append(torch.cat([p.detach().flatten() for p in trainer]))
+        torch.testing.assert_close(updated[0], updated[1], atol=1e-6, rtol=1e-5)
+        assert not torch.equal(updated[0], torch.cat([w.flatten() for w in weights]))
+
+
 def test_weight_average_follows_its_ramped_decay_and_copies_batchnorm_counters():
     import math
     from detr_edge.train.engine import WeightAverage

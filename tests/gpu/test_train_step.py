@@ -34,7 +34,7 @@ def test_a_cuda_step_synchronises_once():
             losses = criterion(trainer(images, mask, targets), targets)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            clip_gradients(trainer, 0.1)
+            clip_gradients(trainer, optimizer, 0.1)
             optimizer.step()
             torch.cuda.set_sync_debug_mode(0)
     finally:
