@@ -7,9 +7,10 @@ measured at (../shared/reference/measured-here.md): ResNet-18, d=128, 3+3 layers
 from scratch needs; the official code has no such mode).
 
 With frozen BatchNorm it also times our step as it was before issue 24 ("before"): the
-BatchNorm applied after each convolution (train/backbone.py folds it into them now) and
+BatchNorm applied after each convolution (train/backbone.py folds it into them now),
 layer4's weights channels-last (train/backbone.py's training_memory_format keeps them in
-the default order now), side by side, the same weights.
+the default order now) and the gradients clipped by clip_grad_norm_ (engine.clip_gradients
+lets the fused AdamW apply the factor now), side by side, the same weights.
 
 `--official DIR` takes a checkout of github.com/facebookresearch/detr and times its step
 side by side with ours: iterations alternate, so the machine's noise hits both alike.
@@ -52,9 +53,9 @@ DEMO_CLASSES = 4  # the shapes dataset's
 
 
 def ours(config: DETRConfig, before: bool = False, weights: dict | None = None, compile_model: bool = False):
-    """Our step; `before`: with frozen BatchNorm applied after each convolution and every
-    backbone weight channels-last, as before issue 24, the same weights; `compile_model`: the
-    training model through torch.compile (inductor)."""
+    """Our step; `before`: with frozen BatchNorm applied after each convolution, every
+    backbone weight channels-last and clip_grad_norm_, as before issue 24, the same weights;
+    `compile_model`: the training model through torch.compile (inductor)."""
     model = DETR(config).train()
     if weights is not None:
         model.load_state_dict(weights)
@@ -70,18 +71,22 @@ def ours(config: DETRConfig, before: bool = False, weights: dict | None = None, 
         model.backbone[0].body.layer4._forward_pre_hooks.clear()  # its input channels-last too, as then
     optimizer = optimizer_for(trainer, TrainOptions(data="", lr=LR, lr_backbone=LR_BACKBONE))
     forward = torch.compile(trainer) if compile_model else trainer
-    step = training_step(forward, trainer, SetCriterion(config.num_classes), optimizer, 0.1)
+    step = training_step(forward, trainer, SetCriterion(config.num_classes), optimizer, 0.1, before)
     return trainer, optimizer, step
 
 
-def training_step(forward, trainer, criterion, optimizer, clip_max_norm: float):
+def training_step(forward, trainer, criterion, optimizer, clip_max_norm: float, before: bool = False):
     """One step as train/engine.py takes it (no AMP, no average): forward, set loss, backward,
-    clipping, AdamW."""
+    clipping, AdamW; `before`: clipped by clip_grad_norm_ in place, as before issue 24."""
     def step(images, mask, targets):
         losses = criterion(forward(images, mask, targets), targets)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        clip_gradients(trainer, optimizer, clip_max_norm)
+        if before:
+            torch.nn.utils.clip_grad_norm_([p for p in trainer.parameters() if p.grad is not None], clip_max_norm,
+                                           foreach=True)
+        else:
+            clip_gradients(trainer, optimizer, clip_max_norm)
         optimizer.step()
         return losses["loss"]
     return step
@@ -218,7 +223,7 @@ def main():
     if "compiled" in median:
         print(f"  torch.compile: {median['detr-edge'] / median['compiled']:.3f}x the eager step")
     if "before" in median:
-        print(f"  issue 24's changes (BatchNorm folded, layer4's memory order): "
+        print(f"  issue 24's changes (BatchNorm folded, layer4's memory order, clipping in AdamW): "
               f"{median['before'] / median['detr-edge']:.3f}x the step before them")
     if args.official:
         print(f"  detr-edge step is {median['official'] / median['detr-edge']:.2f}x the official speed")

@@ -127,8 +127,13 @@ def test_training_folds_frozen_batchnorm_into_the_convolutions_with_the_same_fun
     folded = [m for m in model.modules() if isinstance(m, FoldingConv2d)]
     assert len(folded) == 20  # ResNet-18: the stem, 16 block convolutions, 3 downsamples
     x = torch.randn(2, 3, 96, 128)
+    # at this size the stem, layer1 and layer2's downsample scale their weights, the rest their outputs
+    inputs = {}
+    for conv in folded:
+        conv.register_forward_pre_hook(lambda module, args: inputs.__setitem__(module, args[0]))
     with torch.no_grad():
         train, evaluated = model.train()(x), model.eval()(x)
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(train[key], evaluated[key], rtol=1e-4, atol=1e-5)
+    assert sum(conv.scales_weight(inputs[conv]) for conv in folded) == 6
     assert set(model.state_dict()) == set(DETR(TINY).state_dict())

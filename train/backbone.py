@@ -3,9 +3,10 @@ Joiner that adds the position encoding. Module names give the official state-dic
 `backbone.0.body.*` for the ResNet, `backbone.1` for the (parameter-free) encoding.
 
 In training, each convolution followed by a FrozenBatchNorm2d computes both at once: a
-frozen BatchNorm is a per-channel scale and shift, so conv(x, W * scale) + shift is the
-same function with one pass over the activations fewer, forward and backward (2.5% of
-a CPU training step, benchmarks/train_speed.py). In eval mode, which export traces, the
+frozen BatchNorm is a per-channel scale and shift, so conv(x, W * scale) + shift (or
+conv(x, W) * scale + shift in one op, where the weights outnumber the output) is the same
+function with one pass over the activations fewer, forward and backward (2.5% of a CPU
+training step, benchmarks/train_speed.py). In eval mode, which export traces, the
 two stay apart, as in the official graph."""
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,23 @@ class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
 
 class FoldingConv2d(nn.Conv2d):
     """A convolution that, in training, applies the frozen BatchNorm after it (held outside
-    its state dict, so the keys stay torchvision's)."""
+    its state dict, so the keys stay torchvision's): its scale multiplies the weights or the
+    output, whichever has fewer elements (at the demo's size layer3's and layer4's weights
+    outnumber their outputs: scaling those is 1.01-1.02x the step, side by side), and its
+    shift is the convolution's bias or added with the scale in one op."""
 
     def forward(self, x):
         if not self.training:
             return super().forward(x)
         scale, shift = self._bn[0].scale_shift()
-        return self._conv_forward(x, self.weight * scale[:, None, None, None], shift)
+        if self.scales_weight(x):
+            return self._conv_forward(x, self.weight * scale[:, None, None, None], shift)
+        return torch.addcmul(shift[:, None, None], self._conv_forward(x, self.weight, None), scale[:, None, None])
+
+    def scales_weight(self, x: torch.Tensor) -> bool:
+        """Whether the weights have no more elements than the output for input `x` [B,C,H,W]."""
+        outputs = x.shape[0] * self.out_channels * (x.shape[-2] // self.stride[0]) * (x.shape[-1] // self.stride[1])
+        return self.weight.numel() <= outputs
 
 
 def fold_frozen_batchnorm(body: nn.Module) -> None:
