@@ -227,7 +227,7 @@ def main():
               f"{median['before'] / median['detr-edge']:.3f}x the step before them")
     if args.official:
         print(f"  detr-edge step is {median['official'] / median['detr-edge']:.2f}x the official speed")
-    # the update alone, side by side: ours (fused AdamW, foreach clipping) against torch's
+    # the update alone, side by side: ours (clipping in the fused AdamW) against torch's
     # CPU defaults (a Python loop over the parameters), which the official code gets
     params = [p for p in trainer.parameters() if p.grad is not None]
     default = torch.optim.AdamW([{"params": g["params"], "lr": g["lr"]} for g in optimizer.param_groups],

@@ -299,28 +299,37 @@ def test_resumed_optimizer_state_takes_its_parameters_memory_order():
 def test_clipping_inside_the_fused_adamw_updates_as_clip_grad_norm_then_step():
     """clip_gradients hands the fused AdamW the clipping factor (its grad_scale) instead of
     multiplying every gradient: the same parameters as torch's clip_grad_norm_ then step,
-    clipped (norm above 0.1) or not (below), and unclipped with max_norm 0. The gradients
-    grow 10x a step, so that clipping changes Adam's update (a constant factor would not)."""
+    clipped (norm above 0.1) or not (below), and unclipped with max_norm 0; also behind an
+    enabled GradScaler, as the training loop runs AMP (unscale_, clip, its step). The
+    gradients grow 10x a step, so that clipping changes Adam's update (a constant factor
+    would not)."""
     from detr_edge.train.engine import clip_gradients
     torch.manual_seed(0)
     weights = [torch.randn(8, 4, 3, 3), torch.randn(16)]
     for max_norm, grad_size in ((0.1, 1.0), (0.1, 1e-5), (0.0, 1.0)):
         grads = [torch.randn_like(w) * grad_size for w in weights]
-        updated = []
-        for ours in (True, False):
+        updated = {}
+        for way in ("clip_grad_norm_", "ours", "ours with GradScaler"):
             trainer = torch.nn.ParameterList([torch.nn.Parameter(w.clone()) for w in weights])
             optimizer = torch.optim.AdamW(trainer.parameters(), lr=0.1, fused=True)
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=way == "ours with GradScaler")
+            scaler.scale(torch.ones(()))  # makes its scale tensor, as scaling the loss does
             for step in range(3):
                 for param, grad in zip(trainer, grads):
-                    param.grad = grad * 10 ** step
-                if ours:
-                    clip_gradients(trainer, optimizer, max_norm)
-                elif max_norm:
-                    torch.nn.utils.clip_grad_norm_(list(trainer), max_norm)
-                optimizer.step()
-            updated.append(torch.cat([p.detach().flatten() for p in trainer]))
-        torch.testing.assert_close(updated[0], updated[1], atol=1e-6, rtol=1e-5)
-        assert not torch.equal(updated[0], torch.cat([w.flatten() for w in weights]))
+                    param.grad = grad * 10 ** step * scaler.get_scale()
+                if way == "clip_grad_norm_":
+                    if max_norm:
+                        torch.nn.utils.clip_grad_norm_(list(trainer), max_norm)
+                    optimizer.step()
+                    continue
+                scaler.unscale_(optimizer)
+                clip_gradients(trainer, optimizer, max_norm)
+                scaler.step(optimizer)
+                scaler.update()
+            updated[way] = torch.cat([p.detach().flatten() for p in trainer])
+        for way in ("ours", "ours with GradScaler"):
+            torch.testing.assert_close(updated[way], updated["clip_grad_norm_"], atol=1e-6, rtol=1e-5)
+        assert not torch.equal(updated["ours"], torch.cat([w.flatten() for w in weights]))
 
 
 def test_weight_average_follows_its_ramped_decay_and_copies_batchnorm_counters():

@@ -33,9 +33,10 @@ class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
 class FoldingConv2d(nn.Conv2d):
     """A convolution that, in training, applies the frozen BatchNorm after it (held outside
     its state dict, so the keys stay torchvision's): its scale multiplies the weights or the
-    output, whichever has fewer elements (at the demo's size layer3's and layer4's weights
-    outnumber their outputs: scaling those is 1.01-1.02x the step, side by side), and its
-    shift is the convolution's bias or added with the scale in one op."""
+    output, whichever has fewer elements (at 128 px, batch 16, layer3's and layer4's weights
+    outnumber their outputs: scaling those is 1.01-1.02x the benchmark's step, side by
+    side), and its shift is the convolution's bias or added with the scale in one op (in
+    the output's dtype, so that autocast's half-precision activations stay so)."""
 
     def forward(self, x):
         if not self.training:
@@ -43,7 +44,8 @@ class FoldingConv2d(nn.Conv2d):
         scale, shift = self._bn[0].scale_shift()
         if self.scales_weight(x):
             return self._conv_forward(x, self.weight * scale[:, None, None, None], shift)
-        return torch.addcmul(shift[:, None, None], self._conv_forward(x, self.weight, None), scale[:, None, None])
+        out = self._conv_forward(x, self.weight, None)
+        return torch.addcmul(shift.to(out.dtype)[:, None, None], out, scale.to(out.dtype)[:, None, None])
 
     def scales_weight(self, x: torch.Tensor) -> bool:
         """Whether the weights have no more elements than the output for input `x` [B,C,H,W]."""

@@ -241,10 +241,11 @@ def optimizer_for(trainer: TrainingModel, opts: TrainOptions) -> torch.optim.Ada
 def clip_gradients(trainer: TrainingModel, optimizer: torch.optim.AdamW, max_norm: float) -> None:
     """clip_grad_norm_'s clipping (the official 0.1), applied by the fused AdamW as it reads
     the gradients: `optimizer.grad_scale`, the divisor GradScaler hands fused optimizers
-    to unscale with, set to 1 / clip_grad_norm_'s factor. The same update to float rounding,
-    without clip_grad_norm_'s in-place multiply of every gradient (2% of a CPU step, most of
-    it layer4's weights); with AMP, GradScaler has unscaled the gradients before and keeps
-    this divisor. 0 does not clip."""
+    to unscale with, set to 1 / clip_grad_norm_'s factor. The same update to float rounding
+    (the gradients left clipped, as before), without clip_grad_norm_'s separate pass over
+    every gradient (2% of a CPU step, most of it layer4's weights); with AMP, GradScaler has
+    unscaled the gradients before and keeps this divisor. Needs optimizer_for's fused AdamW
+    (torch's other implementations refuse a grad_scale). 0 does not clip."""
     if max_norm <= 0:
         optimizer.grad_scale = None
         return
