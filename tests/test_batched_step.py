@@ -1,15 +1,20 @@
 """The training step without host synchronisations but the matcher's one: its batched
 parts against the per-image code they replaced (kept here, as it was, as the reference):
-the same matches, the same losses to 1e-6 (tests/gpu/test_train_step.py: no other
-synchronisation inside a CUDA step)."""
+the same matches, the same losses to 1e-6; and, on the CPU, no operation that would make
+a CUDA step wait for the device outside the matcher (tests/gpu/test_train_step.py checks
+the same on a GPU with torch.cuda.set_sync_debug_mode)."""
+from collections import Counter
+
+import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_convert, generalized_box_iou
 
 from detr_edge.train.config import DETRConfig
 from detr_edge.train.criterion import SetCriterion
 from detr_edge.train.detr import DETR
-from detr_edge.train.engine import TrainingModel
+from detr_edge.train.engine import LossLog, TrainingModel, TrainOptions, WeightAverage, clip_gradients, optimizer_for
 from detr_edge.train.matcher import HungarianMatcher
 
 
@@ -97,3 +102,70 @@ def test_losses_are_those_of_the_per_image_step():
     assert set(losses) == set(reference) and {"loss_giou_dn_1", "loss_bbox_layer3"} <= set(losses)
     for key, value in reference.items():
         torch.testing.assert_close(losses[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+# operators that read a value back to the host (a scalar, or a result whose shape depends on
+# the data): on CUDA each waits for the device
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+              "repeat_interleave", "is_nonzero", "equal", "allclose"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the HOST_READS that run while it is on, except inside the matcher (whose cost
+    transfer is the one intended synchronisation)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.counted, self.matching = Counter(), False
+        original = HungarianMatcher.forward
+
+        def matching(matcher, *args):
+            self.matching = True
+            try:
+                return original(matcher, *args)
+            finally:
+                self.matching = False
+        monkeypatch.setattr(HungarianMatcher, "forward", matching)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.matching and func.overloadpacket.__name__ in HOST_READS:
+            self.counted[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def step():
+    """The loop's step (train/engine.py): forward, set loss, backward, clipping, fused AdamW,
+    the weight average, the loss log; a callable running it once."""
+    trainer, images, mask, targets = batch()
+    criterion = SetCriterion(5, HungarianMatcher(cost_class=2), loss_ce=2, groups=2, dense_weight=4)
+    optimizer, average, logged = optimizer_for(trainer, TrainOptions(data="")), WeightAverage(trainer.model, 0.95), LossLog()
+
+    def run():
+        losses = criterion(trainer(images, mask, targets), targets)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        clip_gradients(trainer, optimizer, 0.1)
+        optimizer.step()
+        average.update(trainer.model)
+        logged.add({"step": 1}, losses)
+        return losses, images, mask, targets
+    return run
+
+
+def test_a_step_reads_nothing_back_but_the_matchers_cost(step, monkeypatch):
+    with HostReads(monkeypatch) as reads:
+        for _ in range(2):
+            step()
+    assert not reads.counted, dict(reads.counted)
+
+
+def test_the_host_read_counter_sees_what_the_step_no_longer_does(step, monkeypatch):
+    """The official code's normaliser (`.item()`) and the per-image cell lists (`nonzero`)."""
+    with HostReads(monkeypatch) as reads:
+        losses, _, _, targets = step()
+        losses["loss"].item()
+        # the dense heads' per-image code, on the centres of a 4 x 4 grid
+        centres = torch.stack(torch.meshgrid(*(torch.arange(4) / 4 + 0.125,) * 2, indexing="xy"), -1).flatten(0, 1)
+        per_image_cells(centres.expand(len(targets), -1, -1), torch.ones(len(targets), 16, dtype=torch.bool), targets)
+    assert reads.counted["_local_scalar_dense"] >= 1 and reads.counted["nonzero"] >= 3, dict(reads.counted)
