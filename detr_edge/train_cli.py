@@ -59,13 +59,15 @@ def register(sub) -> None:
                                "when reached"),
             ("drop-at", float, "drop the learning rate x0.1 once this share of --max-steps or of --time-limit, "
                                "whichever ends first, has passed (e.g. 0.85), so a bounded run ends in its "
-                               "fine phase on a slow machine as on a fast one"),
+                               "fine phase on a slow machine as on a fast one; with --schedule wsd, where "
+                               "its decay starts"),
             ("workers", int, "data loader processes, default 1"), ("seed", int, "default 42")]:
         p.add_argument(f"--{name}", type=kind, help=help_text)
-    p.add_argument("--schedule", choices=["step", "linear", "cosine"],
+    p.add_argument("--schedule", choices=["step", "linear", "cosine", "wsd"],
                    help="learning rate after the warm-up: step (default; the official x0.1 drops, --lr-drop, "
-                        "--drop-at) or a decay to 0 over the run (--max-steps, --time-limit or --epochs: "
-                        "whichever ends first), linear or cosine")
+                        "--drop-at), a decay to 0 over the run (--max-steps, --time-limit or --epochs: "
+                        "whichever ends first), linear or cosine, or wsd: the peak rate until --drop-at of "
+                        "the run, then a decay to 0 at its end as 1 - sqrt(share of the decay spent)")
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false", default=None)
     p.add_argument("--encoder-head", type=float, nargs="?", const=1.0, metavar="W",
                    help="one-to-many class and box supervision of every encoder cell, its loss weighted W "
@@ -189,7 +191,7 @@ def train_options(args):
         given["backbone_head"] = tuple(level.strip() for level in given["backbone_head"].split(",") if level.strip())
     opts = resume_options(given) if "resume" in given else TrainOptions(**given)
     if "lr_drop" in given and opts.schedule != "step":  # its default would pass unseen
-        raise UserError(f"--lr-drop belongs to the step schedule; --schedule {opts.schedule} decays over the whole run")
+        raise UserError(f"--lr-drop belongs to the step schedule, not to --schedule {opts.schedule}")
     return opts
 
 

@@ -266,12 +266,36 @@ def test_decaying_schedules_reach_zero_at_the_end_of_the_run(shapes, tmp_path, k
     expected = [x if kind == "linear" else 0.5 * (1 - math.cos(math.pi * x)) for x in left]
     assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")[4:]] == pytest.approx(
         [1e-4 * f for f in expected], rel=1e-5)
-    for flag, value in (("--drop-at", "0.8"), ("--lr-drop", "5")):  # options of the step schedule: refused
+    for flag, value, error in (  # options of the step schedule: refused
+            ("--drop-at", "0.8", f"--drop-at belongs to the step and wsd schedules; --schedule {kind} decays over "
+                                 "the whole run"),
+            ("--lr-drop", "5", f"--lr-drop belongs to the step schedule, not to --schedule {kind}")):
         proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--schedule", kind,
                        "--max-steps", "4", flag, value)
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2 and err.strip() == (
-            f"detr-edge: error: {flag} belongs to the step schedule; --schedule {kind} decays over the whole run")
+        assert proc.returncode == 2 and err.strip() == f"detr-edge: error: {error}"
+
+
+def test_wsd_holds_the_rate_then_decays_it_as_one_minus_the_root_of_the_decay_spent(shapes, tmp_path):
+    """Warm-up, stable, decay: --drop-at 0.5 of 8 steps holds the rate for 4, then
+    1 - sqrt((step / 8 - 0.5) / 0.5); a resume with more steps stretches the decay to the
+    new bound from where it stands; without --drop-at, refused in one line."""
+    out = tmp_path / "wsd"
+    assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "100", "--eval-every", "0",
+                 "--lr", "1e-4", "--max-steps", "8", "--schedule", "wsd", "--drop-at", "0.5"]) == 0
+    factors = [1 - math.sqrt(max(0, step / 8 - 0.5) / 0.5) for step in range(8)]
+    assert factors[:5] == [1] * 5 and factors[5:] == pytest.approx([0.5, 0.292893, 0.133975], rel=1e-5)
+    assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")] == pytest.approx(
+        [1e-4 * f for f in factors], rel=1e-5)
+    assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
+                 "--max-steps", "16", "--drop-at", "0.5", "--eval-every", "0"]) == 0
+    assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")[8:]] == pytest.approx(
+        [1e-4 * (1 - math.sqrt(max(0, step / 16 - 0.5) / 0.5)) for step in range(8, 16)], rel=1e-5)
+    proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--schedule", "wsd",
+                   "--max-steps", "4")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip() == (
+        "detr-edge: error: --schedule wsd needs --drop-at: the share of the run where the decay starts (e.g. 0.7)")
 
 
 def test_resumed_optimizer_state_takes_its_parameters_memory_order():

@@ -69,8 +69,9 @@ class TrainOptions:
     time_limit: float = 0.0          # minutes; 0 = none
     max_steps: int = 0               # steps in all; 0 = none (the epochs bound the run)
     drop_at: float = 0.0             # share of the run (max_steps or time_limit, whichever ends first)
-                                     # after which lr drops x0.1; 0 = only the epoch drop
-    schedule: str = "step"           # step: x0.1 drops (the official); linear / cosine: to 0 over the run
+                                     # after which lr drops x0.1 (wsd: decays to 0); 0 = only the epoch drop
+    schedule: str = "step"           # step: x0.1 drops (the official); linear / cosine: to 0 over the run;
+                                     # wsd: held, then from drop_at to 0 at the end (1 - sqrt)
     ema: float = 0.0                 # decay of the weights' moving average (evaluated and saved); 0 = none
     workers: int = 1
     device: str = "cpu"
@@ -259,20 +260,29 @@ class LrSchedule:
     `--drop-at` of `--time-limit` had passed, whichever comes first (`step`: a bounded run
     ends in its fine phase whether its steps or its time run out first, so a slow machine
     drops by time and a fast one by steps); or a decay to 0 over the run (`linear`, `cosine`:
-    budgeted training's schedules), by the share of the run spent, in steps or in time,
-    whichever is further. A callable object, so the scheduler's state saves the time drop's
-    step and the share spent, and a resumed run keeps them; the step drops and the run's
-    length follow the current options."""
+    budgeted training's schedules); or the peak rate until `--drop-at` of the run, then a
+    decay to 0 at its end as 1 - sqrt(share of the decay spent) (`wsd`: warm-up, stable,
+    decay; the "1-sqrt" cool-down of Hägele et al., "Scaling Laws and Compute-Optimal
+    Training Beyond Fixed Training Durations", 2024). The decays follow the share of the
+    run spent, in steps or in time, whichever is further. A callable object, so the
+    scheduler's state saves the time drop's step and the share spent, and a resumed run
+    keeps them; the step drops, the decay's start and the run's length follow the current
+    options."""
 
-    def __init__(self, warmup: int, drop_step: float, kind: str = "step", run_steps: float = math.inf):
+    def __init__(self, warmup: int, drop_step: float, kind: str = "step", run_steps: float = math.inf,
+                 decay_from: float = 0.0):
         self.warmup, self.drop_step, self.time_drop_step = warmup, drop_step, math.inf
         self.kind, self.run_steps, self.spent = kind, run_steps, 0.0  # spent: the largest share of the time seen
+        self.decay_from = decay_from  # wsd: the share of the run where the decay starts
 
     def __call__(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
         if self.kind == "step":
             return warm * (0.1 if step >= min(self.drop_step, self.time_drop_step) else 1.0)
-        left = max(0.0, 1.0 - max(self.spent, step / self.run_steps))
+        share = min(1.0, max(self.spent, step / self.run_steps))
+        if self.kind == "wsd":
+            return warm * (1.0 - math.sqrt(max(0.0, share - self.decay_from) / (1.0 - self.decay_from)))
+        left = 1.0 - share
         return warm * (left if self.kind == "linear" else 0.5 * (1 - math.cos(math.pi * left)))
 
 
@@ -308,8 +318,11 @@ def build(opts: TrainOptions):
         raise UserError(f"encoder head weight {opts.encoder_head}: must be >= 0")
     if opts.drop_at and not (0 < opts.drop_at < 1 and (opts.time_limit or opts.max_steps)):
         raise UserError(f"--drop-at {opts.drop_at}: needs --time-limit or --max-steps and a share between 0 and 1")
-    if opts.schedule != "step" and opts.drop_at:
-        raise UserError(f"--drop-at belongs to the step schedule; --schedule {opts.schedule} decays over the whole run")
+    if opts.schedule in ("linear", "cosine") and opts.drop_at:
+        raise UserError(f"--drop-at belongs to the step and wsd schedules; --schedule {opts.schedule} decays over "
+                        "the whole run")
+    if opts.schedule == "wsd" and not opts.drop_at:
+        raise UserError("--schedule wsd needs --drop-at: the share of the run where the decay starts (e.g. 0.7)")
     if opts.max_steps < 0:
         raise UserError(f"--max-steps {opts.max_steps}: must be >= 0")
     if not 0 <= opts.ema < 1:
@@ -378,7 +391,7 @@ def train(opts: TrainOptions) -> dict:
     optimizer = optimizer_for(trainer, opts)
     sampler = EpochSampler(len(train_set), opts.batch_size, opts.seed, rank, world)
     run_steps = min(opts.max_steps or math.inf, opts.epochs * sampler.batches)
-    schedule = LrSchedule(opts.warmup, _drop_step(opts, sampler.batches), opts.schedule, run_steps)
+    schedule = LrSchedule(opts.warmup, _drop_step(opts, sampler.batches), opts.schedule, run_steps, opts.drop_at)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda", enabled=opts.amp and device.type == "cuda")
     epoch, step_in_epoch, global_step, best_ap = 0, 0, 0, -1.0
@@ -390,7 +403,7 @@ def train(opts: TrainOptions) -> dict:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["lr_scheduler"])
         schedule.warmup, schedule.drop_step = opts.warmup, _drop_step(opts, sampler.batches)
-        schedule.run_steps = run_steps
+        schedule.run_steps, schedule.decay_from = run_steps, opts.drop_at
         _match_parameter_layouts(optimizer)
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the next step's rate, as they say
             group["lr"] = base * schedule(scheduler.last_epoch)
