@@ -136,10 +136,11 @@ class HostReads(TorchDispatchMode):
 @pytest.fixture
 def step():
     """The loop's step (train/engine.py): forward, set loss, backward, clipping, fused AdamW,
-    the weight average, the loss log; a callable running it once."""
+    the weight average, the loss log; a callable running it once -> (losses, targets)."""
     trainer, images, mask, targets = batch()
     criterion = SetCriterion(5, HungarianMatcher(cost_class=2), loss_ce=2, groups=2, dense_weight=4)
-    optimizer, average, logged = optimizer_for(trainer, TrainOptions(data="")), WeightAverage(trainer.model, 0.95), LossLog()
+    optimizer = optimizer_for(trainer, TrainOptions(data=""))
+    average, logged = WeightAverage(trainer.model, 0.95), LossLog()
 
     def run():
         losses = criterion(trainer(images, mask, targets), targets)
@@ -149,7 +150,7 @@ def step():
         optimizer.step()
         average.update(trainer.model)
         logged.add({"step": 1}, losses)
-        return losses, images, mask, targets
+        return losses, targets
     return run
 
 
@@ -163,7 +164,7 @@ def test_a_step_reads_nothing_back_but_the_matchers_cost(step, monkeypatch):
 def test_the_host_read_counter_sees_what_the_step_no_longer_does(step, monkeypatch):
     """The official code's normaliser (`.item()`) and the per-image cell lists (`nonzero`)."""
     with HostReads(monkeypatch) as reads:
-        losses, _, _, targets = step()
+        losses, targets = step()
         losses["loss"].item()
         # the dense heads' per-image code, on the centres of a 4 x 4 grid
         centres = torch.stack(torch.meshgrid(*(torch.arange(4) / 4 + 0.125,) * 2, indexing="xy"), -1).flatten(0, 1)
