@@ -45,7 +45,7 @@ from detr_edge.train.detr import DETR  # noqa: E402
 from detr_edge.cli import build_parser  # noqa: E402
 from detr_edge.demo import TRAIN  # noqa: E402
 from detr_edge.train.engine import (TrainingModel, TrainOptions, clip_gradients, criterion_for,  # noqa: E402
-                                    optimizer_for, trainer_for)
+                                    optimizer_for, train_step, trainer_for)
 from detr_edge.train_cli import train_options  # noqa: E402
 
 LR, LR_BACKBONE = 1e-4, 1e-5  # the official defaults
@@ -76,17 +76,20 @@ def ours(config: DETRConfig, before: bool = False, weights: dict | None = None, 
 
 
 def training_step(forward, trainer, criterion, optimizer, clip_max_norm: float, before: bool = False):
-    """One step as train/engine.py takes it (no AMP, no average): forward, set loss, backward,
-    clipping, AdamW; `before`: clipped by clip_grad_norm_ in place, as before issue 24."""
+    """One step: train/engine.py's train_step (no AMP; the loop's average and log not timed);
+    `before`: forward, set loss, backward, clipped by clip_grad_norm_ in place, AdamW, as
+    before issue 24."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
     def step(images, mask, targets):
+        if not before:
+            return train_step(forward, trainer, criterion, optimizer, scaler, clip_max_norm, images, mask,
+                              targets)["loss"]
         losses = criterion(forward(images, mask, targets), targets)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        if before:
-            torch.nn.utils.clip_grad_norm_([p for p in trainer.parameters() if p.grad is not None], clip_max_norm,
-                                           foreach=True)
-        else:
-            clip_gradients(trainer, optimizer, clip_max_norm)
+        torch.nn.utils.clip_grad_norm_([p for p in trainer.parameters() if p.grad is not None], clip_max_norm,
+                                       foreach=True)
         optimizer.step()
         return losses["loss"]
     return step

@@ -14,7 +14,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 from detr_edge.train.config import DETRConfig
 from detr_edge.train.criterion import SetCriterion
 from detr_edge.train.detr import DETR
-from detr_edge.train.engine import LossLog, TrainingModel, TrainOptions, WeightAverage, clip_gradients, optimizer_for
+from detr_edge.train.engine import LossLog, TrainingModel, TrainOptions, WeightAverage, optimizer_for, train_step
 from detr_edge.train.matcher import HungarianMatcher
 
 
@@ -135,19 +135,16 @@ class HostReads(TorchDispatchMode):
 
 @pytest.fixture
 def step():
-    """The loop's step (train/engine.py): forward, set loss, backward, clipping, fused AdamW,
-    the weight average, the loss log; a callable running it once -> (losses, targets)."""
+    """The loop's step (train/engine.py): train_step (forward, set loss, backward, clipping,
+    fused AdamW, through a GradScaler as the loop's, disabled on the CPU), the weight
+    average, the loss log; a callable running it once -> (losses, targets)."""
     trainer, images, mask, targets = batch()
     criterion = SetCriterion(5, HungarianMatcher(cost_class=2), loss_ce=2, groups=2, dense_weight=4)
-    optimizer = optimizer_for(trainer, TrainOptions(data=""))
+    optimizer, scaler = optimizer_for(trainer, TrainOptions(data="")), torch.amp.GradScaler("cpu", enabled=False)
     average, logged = WeightAverage(trainer.model, 0.95), LossLog()
 
     def run():
-        losses = criterion(trainer(images, mask, targets), targets)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        clip_gradients(trainer, optimizer, 0.1)
-        optimizer.step()
+        losses = train_step(trainer, trainer, criterion, optimizer, scaler, 0.1, images, mask, targets)
         average.update(trainer.model)
         logged.add({"step": 1}, losses)
         return losses, targets

@@ -254,6 +254,23 @@ def clip_gradients(trainer: TrainingModel, optimizer: torch.optim.AdamW, max_nor
     optimizer.grad_scale = ((total + 1e-6) / max_norm).clamp(min=1.0)
 
 
+def train_step(net, trainer: TrainingModel, criterion, optimizer: torch.optim.AdamW, scaler: torch.amp.GradScaler,
+               max_norm: float, images, mask, targets) -> dict:
+    """One update, as the loop takes it: forward and set loss (under autocast where `scaler`
+    is enabled, i.e. AMP), backward, clipping inside the fused AdamW, the step. `net` is
+    `trainer` or a wrapper of it (DDP, torch.compile). The losses stay on the device: the
+    matcher's cost transfer is the step's one host synchronisation."""
+    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+        losses = criterion(net(images, mask, targets), targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    scaler.unscale_(optimizer)
+    clip_gradients(trainer, optimizer, max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
+
+
 class LrSchedule:
     """The learning-rate factor per step: linear warm-up, then either x0.1 from the epoch
     drop (`--lr-drop`), from `--drop-at` of `--max-steps`, or from the step at which
@@ -442,14 +459,7 @@ def train(opts: TrainOptions) -> dict:
         for images, mask, targets in progress:
             images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, enabled=scaler.is_enabled()):
-                losses = criterion(net(images, mask, targets), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.unscale_(optimizer)
-            clip_gradients(trainer, optimizer, opts.clip_max_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            losses = train_step(net, trainer, criterion, optimizer, scaler, opts.clip_max_norm, images, mask, targets)
             if ema:
                 ema.update(model)
             lr = optimizer.param_groups[0]["lr"]  # the rate this step trained with

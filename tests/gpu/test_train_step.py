@@ -13,10 +13,10 @@ from test_batched_step import batch
 def test_a_cuda_step_synchronises_once():
     """Forward, loss, backward, clipping and AdamW on CUDA under set_sync_debug_mode('error'):
     the matcher's cost transfer, allowed, is the only synchronisation."""
-    from detr_edge.train.engine import TrainOptions, clip_gradients, optimizer_for
+    from detr_edge.train.engine import TrainOptions, optimizer_for, train_step
     trainer, images, mask, targets = batch("cuda")
     criterion = SetCriterion(5, HungarianMatcher(cost_class=2), groups=2, dense_weight=4).cuda()
-    optimizer = optimizer_for(trainer, TrainOptions(data=""))
+    optimizer, scaler = optimizer_for(trainer, TrainOptions(data="")), torch.amp.GradScaler("cuda", enabled=False)
     transfers = []
     original = HungarianMatcher.forward
 
@@ -31,11 +31,7 @@ def test_a_cuda_step_synchronises_once():
     try:
         for _ in range(2):
             torch.cuda.set_sync_debug_mode("error")
-            losses = criterion(trainer(images, mask, targets), targets)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            clip_gradients(trainer, optimizer, 0.1)
-            optimizer.step()
+            losses = train_step(trainer, trainer, criterion, optimizer, scaler, 0.1, images, mask, targets)
             torch.cuda.set_sync_debug_mode(0)
     finally:
         HungarianMatcher.forward = original
