@@ -35,7 +35,8 @@ def register(sub) -> None:
     start.add_argument("--weights", help="start from these weights (official, HF or ours); other classes: "
                                          "only the class head is re-initialised")
     start.add_argument("--resume", help="continue a run from its last.pth exactly, with the run's options (those "
-                                        "that define it: size, rates, heads, --ema, seed...)")
+                                        "that define it: size, rates, heads, --ema, seed...) and its bounds "
+                                        "(--epochs, --max-steps, --drop-at) unless given again")
     p.add_argument("--out", help="the run's folder (default runs/train)")
     p.add_argument("--imgsz", help="training/deployment size H x W or S (default: the preset's)")
     p.add_argument("--recipe", choices=["edge", "official"],

@@ -221,6 +221,9 @@ def test_time_drop_lowers_the_learning_rate_once_and_a_resume_keeps_it(shapes, t
     assert 0 < dropped < len(lrs) and set(lrs[:dropped]) == {1e-4} and set(lrs[dropped:]) == {1e-5}
     saved = torch.load(out / "last.pth", weights_only=True)
     assert saved["lr_scheduler"]["lr_lambdas"][0]["time_drop_step"] == dropped
+    # --drop-at was a share of a time limit the resume does not give again: not kept (the drop's step is)
+    from detr_edge.train.engine import resume_options
+    assert resume_options({"data": str(shapes), "resume": str(out / "last.pth")}).drop_at == 0
     # one more whole epoch: the time limit may have struck at the last step of an epoch
     assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
                  "--epochs", str(saved["epoch"] + 2), "--eval-every", "0"]) == 0
@@ -278,8 +281,8 @@ def test_decaying_schedules_reach_zero_at_the_end_of_the_run(shapes, tmp_path, k
 
 def test_wsd_holds_the_rate_then_decays_it_as_one_minus_the_root_of_the_decay_spent(shapes, tmp_path):
     """Warm-up, stable, decay: --drop-at 0.5 of 8 steps holds the rate for 4, then
-    1 - sqrt((step / 8 - 0.5) / 0.5); a resume with more steps stretches the decay to the
-    new bound from where it stands; without --drop-at, refused in one line."""
+    1 - sqrt((step / 8 - 0.5) / 0.5); a resume with more steps (and the run's --drop-at) stretches
+    the decay to the new bound from where it stands; without --drop-at, refused in one line."""
     out = tmp_path / "wsd"
     assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "100", "--eval-every", "0",
                  "--lr", "1e-4", "--max-steps", "8", "--schedule", "wsd", "--drop-at", "0.5"]) == 0
@@ -287,8 +290,12 @@ def test_wsd_holds_the_rate_then_decays_it_as_one_minus_the_root_of_the_decay_sp
     assert factors[:5] == [1] * 5 and factors[5:] == pytest.approx([0.5, 0.292893, 0.133975], rel=1e-5)
     assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")] == pytest.approx(
         [1e-4 * f for f in factors], rel=1e-5)
+    # the bounds come back from the checkpoint unless given again: --drop-at need not be
+    from detr_edge.train.engine import resume_options
+    kept = resume_options({"data": str(shapes), "resume": str(out / "last.pth")})
+    assert (kept.epochs, kept.max_steps, kept.drop_at, kept.schedule) == (100, 8, 0.5, "wsd")
     assert main(["train", "--data", str(shapes), "--out", str(out), "--resume", str(out / "last.pth"), *TINY[4:],
-                 "--max-steps", "16", "--drop-at", "0.5", "--eval-every", "0"]) == 0
+                 "--max-steps", "16", "--eval-every", "0"]) == 0
     assert [float(row["lr"]) for row in read_csv(out / "metrics.csv")[8:]] == pytest.approx(
         [1e-4 * (1 - math.sqrt(max(0, step / 16 - 0.5) / 0.5)) for step in range(8, 16)], rel=1e-5)
     proc = run_cli("train", "--data", str(shapes), "--out", str(tmp_path / "bad"), "--schedule", "wsd",

@@ -84,6 +84,9 @@ class TrainOptions:
 RUN_DEFINING = ("preset", "weights", "imgsz", "recipe", "zoom", "batch_size", "lr", "lr_backbone", "weight_decay",
                 "clip_max_norm", "lr_drop", "warmup", "schedule", "eos_coef", "class_weight", "aux_loss", "groups",
                 "denoise", "encoder_head", "backbone_head", "contiguous", "ema", "seed")
+# the run's bounds, counted over the whole run: `--resume` keeps them unless given again
+# (--time-limit is not among them: it counts the minutes of the process it is given to)
+RUN_BOUNDS = ("epochs", "max_steps", "drop_at")
 
 
 def resume_options(given: dict) -> TrainOptions:
@@ -99,6 +102,9 @@ def resume_options(given: dict) -> TrainOptions:
             raise UserError(f"--{name.replace('_', '-')} {given[name]} contradicts the run {given['resume']} continues "
                             f"({value}): leave it out to keep the run's")
         restored[name] = value
+    restored.update({name: saved[name] for name in RUN_BOUNDS if name in saved})
+    if not (given.get("max_steps", restored.get("max_steps")) or given.get("time_limit")):
+        restored.pop("drop_at", None)  # a share of a time limit not given again (the step drop is in the schedule's state)
     restored["out"] = str(Path(given["resume"]).parent)  # the run goes on in its own folder unless --out moves it
     return TrainOptions(**{**restored, **given})
 
