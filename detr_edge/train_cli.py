@@ -129,6 +129,7 @@ def register(sub) -> None:
     p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
     p.add_argument("--imgsz", default="192", help="image size H x W or S (default 192)")
     p.add_argument("--max-objects", type=int, default=5, help="objects per image: 1 to this (default 5)")
+    p.add_argument("--train-objects", type=int, help="objects per training image: 1 to this (default --max-objects)")
     p.add_argument("--aspects", metavar="W:H,...",
                    help="frame shapes of the training images and of the 'cameras' split, in turn "
                         "(default 1:1,4:3,16:9,3:4,9:16: real cameras' shapes, the long side --imgsz's); "
@@ -256,6 +257,9 @@ def _synth(args) -> None:
             aspects = ()
         if not aspects or any(len(a) != 2 or min(a) < 1 for a in aspects):
             raise UserError(f"--aspects {args.aspects}: expected W:H pairs such as 16:9,3:4, or none")
+    for flag, value in (("--max-objects", args.max_objects), ("--train-objects", args.train_objects)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
     paths = synthesize(args.out, args.train, args.val, parse_imgsz(args.imgsz), args.video_frames, args.seed,
-                       args.max_objects, aspects)
+                       args.max_objects, aspects, args.train_objects)
     log.info("wrote %s", ", ".join(map(str, paths.values())))

@@ -136,3 +136,17 @@ def test_synth_cameras_come_in_the_shapes_of_real_cameras(tmp_path):
         video = cv2.VideoCapture(str(tmp_path / f"{name}.mp4"))
         assert video.read()[1].shape[:2] == size and (tmp_path / f"{name}.gt.txt").stat().st_size
     assert main(["data", "synth", str(tmp_path / "x"), "--aspects", "16:9,0:1"]) == 2
+
+
+def test_synth_training_scenes_may_be_denser_than_the_validation_ones(tmp_path, capsys):
+    paths = synthesize(tmp_path, train=40, val=10, size=(64, 64), video_frames=0, seed=3, max_objects=1,
+                       train_objects=6)
+    counts = {}
+    for split in ("train", "val"):
+        data = json.loads(paths[split].read_text())
+        per_image = [sum(a["image_id"] == im["id"] for a in data["annotations"]) for im in data["images"]]
+        counts[split] = (min(per_image), max(per_image))
+    assert counts["val"] == (1, 1) and counts["train"][0] >= 1 and 4 <= counts["train"][1] <= 6
+    for flag in ("--train-objects", "--max-objects"):
+        assert main(["data", "synth", str(tmp_path / "x"), flag, "0"]) == 2
+        assert capsys.readouterr().err.strip() == f"detr-edge: error: {flag} 0: must be at least 1"

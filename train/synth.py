@@ -218,14 +218,16 @@ CAMERA_VIDEOS = {"shapes-16x9.mp4": (180, 320), "shapes-9x16.mp4": (320, 180)}
 
 
 def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_frames: int = 150,
-               seed: int = 0, max_objects: int = 5, aspects=None) -> dict:
+               seed: int = 0, max_objects: int = 5, aspects=None, train_objects: int | None = None) -> dict:
     """The shapes dataset: `train` and `val` (square, or `size`) splits and the video
     shapes.mp4 (4:3). With `aspects` (e.g. CAMERA_ASPECTS), the training images take those
     frame shapes in turn, a `cameras` split of `val` images does too (the deployment
-    geometry, to validate on), and a video per other camera shape follows (16:9, 9:16)."""
+    geometry, to validate on), and a video per other camera shape follows (16:9, 9:16).
+    `train_objects`: the training scenes' most objects, where denser than the others'
+    (`max_objects`): more objects per image, more supervision per step."""
     out = Path(out)
     rng = np.random.default_rng(seed)
-    paths = {"train": write_split(out, "train", train, size, rng, max_objects, aspects),
+    paths = {"train": write_split(out, "train", train, size, rng, train_objects or max_objects, aspects),
              "val": write_split(out, "val", val, size, rng, max_objects),
              # the true tracks beside the video, for `--track` (tests/test_tracking.py)
              "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng, tracks=out / "shapes.gt.txt")}
