@@ -151,8 +151,9 @@ def test_ids_persist_on_the_demo_model(demo_backend, tmp_path, size):
     padding the model never saw in training, so its boxes are often off) and on a square
     one. Each is held to what a perfect tracker would make of the same detections (ids from
     the truth): tracking loses (almost) no box, switches ids on few, keeps a fair share of
-    the identity; the square one, where the model detects, to absolute bars too. At --conf
-    0.5 (the default) and 0.3 (more low-score boxes for ByteTrack's second pass)."""
+    the identity. At --conf 0.5 (the default) and 0.3 (more low-score boxes for ByteTrack's
+    second pass); the square one, where the model detects, at the default to absolute bars
+    too (they depend on the model: docs/runtime.md has each demo model's figures)."""
     from detr_edge.runtime.preprocess import preprocess
     path = write_video(tmp_path / "v.mp4", FRAMES, size, np.random.default_rng(5), FPS, tracks=tmp_path / "gt.txt")
     gt = read_tracks(tmp_path / "gt.txt", FRAMES)
@@ -180,5 +181,5 @@ def test_ids_persist_on_the_demo_model(demo_backend, tmp_path, size):
         assert summary["mota"] >= bound["mota"] - 0.05, (summary, bound)
         assert summary["num_switches"] <= 0.1 * matched, summary
         assert summary["idf1"] >= 0.25 * bound["idf1"], (summary, bound)
-        if size[0] == size[1]:
+        if size[0] == size[1] and conf == 0.5:
             assert summary["mota"] >= 0.4 and summary["idf1"] >= 0.25, summary
