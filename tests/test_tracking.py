@@ -147,13 +147,12 @@ def demo_backend(tmp_path_factory):
 
 @pytest.mark.parametrize("size", [(240, 320), (320, 320)], ids=["demo-video", "square"])
 def test_ids_persist_on_the_demo_model(demo_backend, tmp_path, size):
-    """Real detections: the demo model on the demo's kind of video (240 x 320: letterboxed,
-    padding the model never saw in training, so its boxes are often off) and on a square
-    one. Each is held to what a perfect tracker would make of the same detections (ids from
-    the truth): tracking loses (almost) no box, switches ids on few, keeps a fair share of
-    the identity. At --conf 0.5 (the default) and 0.3 (more low-score boxes for ByteTrack's
-    second pass); the square one, where the model detects, at the default to absolute bars
-    too (they depend on the model: docs/runtime.md has each demo model's figures)."""
+    """Real detections: the demo model on the demo's kind of video (240 x 320, letterboxed)
+    and on a square one. Each is held to what a perfect tracker would make of the same
+    detections (ids from the truth): tracking loses (almost) no box, switches ids on few,
+    keeps a fair share of the identity. At --conf 0.5 (the default) and 0.3 (more low-score
+    boxes for ByteTrack's second pass); the square one to absolute bars too, IDF1's at the
+    default only (they depend on the model: docs/runtime.md has each demo model's figures)."""
     from detr_edge.runtime.preprocess import preprocess
     path = write_video(tmp_path / "v.mp4", FRAMES, size, np.random.default_rng(5), FPS, tracks=tmp_path / "gt.txt")
     gt = read_tracks(tmp_path / "gt.txt", FRAMES)
@@ -181,5 +180,6 @@ def test_ids_persist_on_the_demo_model(demo_backend, tmp_path, size):
         assert summary["mota"] >= bound["mota"] - 0.05, (summary, bound)
         assert summary["num_switches"] <= 0.1 * matched, summary
         assert summary["idf1"] >= 0.25 * bound["idf1"], (summary, bound)
-        if size[0] == size[1] and conf == 0.5:
-            assert summary["mota"] >= 0.4 and summary["idf1"] >= 0.25, summary
+        if size[0] == size[1]:
+            assert summary["mota"] >= 0.4, summary
+            assert conf != 0.5 or summary["idf1"] >= 0.25, summary
