@@ -23,7 +23,7 @@ from .train.synth import CAMERA_VIDEOS
 TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "6e-4",
          "--lr-backbone", "6e-4", "--warmup", "50", "--groups", "4", "--denoise", "100", "--zoom", "0",
          "--class-weight", "2", "--encoder-head", "4", "--backbone-head", "layer3", "--max-steps", "2000",
-         "--schedule", "wsd", "--drop-at", "0.7", "--ema", "0.95", "--epochs", "100", "--eval-every", "2",
+         "--schedule", "wsd", "--drop-at", "0.7", "--ema", "0.95", "--epochs", "100", "--eval-every", "1",
          "--save-every", "500"]
 
 
@@ -37,8 +37,11 @@ def run(out: Path, minutes: float) -> int:
     onnx = deployed / "model.onnx"
     steps = []
     if not (data / "annotations" / "instances_cameras.json").exists():
-        # in cameras' shapes; training scenes denser than the validation ones: more matches a step
-        steps.append(["data", "synth", str(data), "--imgsz", "128", "--max-objects", "3", "--train-objects", "10"])
+        # in cameras' shapes; training scenes denser than the validation ones (more matches a
+        # step), 8,000 of them (a 15-minute run repeats each one to three times: better boxes
+        # than 2,000 repeated five to ten times, docs/training.md)
+        steps.append(["data", "synth", str(data), "--imgsz", "128", "--train", "8000", "--max-objects", "3",
+                      "--train-objects", "10"])
     if checkpoint.exists():
         print(f"reusing the finished demo checkpoint {checkpoint} (delete {run_dir} to train again)")
     else:
