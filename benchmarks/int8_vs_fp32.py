@@ -63,8 +63,8 @@ def main():
         fp32 = Path(tmp) / "model.onnx"
         export_onnx(model.eval(), config, fp32, ExportOptions(imgsz=imgsz))
         files = {"fp32": fp32}
-        cache = Path(tmp) / "ranges.json"
         for flavour, suffix in (("cpu", ".int8-cpu.onnx"), ("trt", ".int8.onnx")):
+            cache = Path(tmp) / f"ranges-{flavour}.json"  # each flavour's default method
             files[f"int8 {flavour}"] = fp32.with_suffix(suffix)
             reader = Samples(args.calib_data, {**config["preprocess"], "imgsz": list(imgsz)}, args.samples,
                              progress=False)

@@ -46,14 +46,22 @@ DEFAULT_EXCLUDE = ("/bbox_embed/",)
 FLAVOURS = {"trt": ".int8.onnx", "cpu": ".int8-cpu.onnx"}
 
 
+# Each flavour's ranges by default as its runtime's own tools make them: TensorRT's
+# EntropyCalibration2, onnxruntime's quantize_static (MinMax). Measured in docs/calibration.md.
+DEFAULT_METHODS = {"trt": "entropy", "cpu": "minmax"}
+
+
 @dataclass
 class QuantOptions:
-    method: str = "entropy"
+    method: str | None = None  # one method for both flavours; None: DEFAULT_METHODS
     op_types: tuple = OP_TYPES
     exclude: tuple = DEFAULT_EXCLUDE     # node-name substrings kept float
     exclude_nodes: list = field(default_factory=list)  # exact node names kept float (the search's choice)
     vnni: bool = False  # CPU flavour for CPUs with VNNI only: full 8-bit weights
     attention: bool = False  # TensorRT flavour: quantize the MatMuls between two activations too
+
+    def method_for(self, flavour: str) -> str:
+        return self.method or DEFAULT_METHODS[flavour]
 
 
 def excluded_nodes(graph, options: QuantOptions, flavour: str = "cpu") -> list[str]:
@@ -92,7 +100,7 @@ def _quiet():
         root.setLevel(level)
 
 
-def collect_ranges(src, cache: Path, options: QuantOptions, reader) -> None:
+def collect_ranges(src, cache: Path, method: str, reader) -> None:
     """Calibration ranges of the FP32 file `src` from `reader` (a `Samples`), written to
     `cache` in onnxruntime's JSON format, where `quantize_static` reads them back.
 
@@ -113,7 +121,7 @@ def collect_ranges(src, cache: Path, options: QuantOptions, reader) -> None:
     with tempfile.TemporaryDirectory(prefix="detr-edge-calib.") as tmp, _quiet():
         calibrator = create_calibrator(Path(src), None,
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=_method(options.method))
+                                       calibrate_method=_method(method))
         calibrator.infer_session = _Finite(calibrator.infer_session)
         for feed in reader.batches():
             calibrator.collect_data(Batches([feed]))
@@ -195,7 +203,7 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
     if not Path(cache).is_file():
         if reader is None:
             raise UserError(f"{cache}: no calibration ranges, and no data to compute them from")
-        collect_ranges(src, Path(cache), options, reader)
+        collect_ranges(src, Path(cache), options.method_for(flavour), reader)
     graph = onnx.load(str(src))
     meta = read_onnx_metadata(graph, src)
     if meta.get("export", {}).get("precision", "fp32") != "fp32":
@@ -215,7 +223,7 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
                             op_types_to_quantize=list(options.op_types), per_channel=True, reduce_range=reduce_range,
                             activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                            calibrate_method=_method(options.method), extra_options=extra,
+                            calibrate_method=_method(options.method_for(flavour)), extra_options=extra,
                             calibration_cache_path=str(cache))
         except UserError:
             raise
@@ -224,7 +232,7 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
         quantized = onnx.load(str(tmp))
         if trt:
             dedicate_qdq_pairs(quantized)
-        meta["export"].update(precision="int8", int8={"flavour": flavour, "method": options.method,
+        meta["export"].update(precision="int8", int8={"flavour": flavour, "method": options.method_for(flavour),
                                                       "op_types": list(options.op_types),
                                                       "weight_bits": 7 if reduce_range else 8,
                                                       "attention": "quantized" if options.attention or not trt

@@ -1,7 +1,8 @@
-"""`detr-edge calibrate`: one calibration pass over the data -> the TensorRT-flavour and
-CPU-flavour Q/DQ files, the TensorRT implicit-calibration cache, optionally the
-sensitivity search, and a report (JSON + Markdown) with file sizes, AP and latency of
-FP32 against INT8. The pieces live in calibration/; this wires them to the checker's AP."""
+"""`detr-edge calibrate`: a calibration pass over the data per method (by default two:
+entropy for TensorRT, min-max for the CPU) -> the TensorRT-flavour and CPU-flavour Q/DQ
+files, the TensorRT implicit-calibration cache, optionally the sensitivity search, and a
+report (JSON + Markdown) with file sizes, AP and latency of FP32 against INT8. The pieces
+live in calibration/; this wires them to the checker's AP."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ import logging
 from pathlib import Path
 
 from detr_edge.calibration.data import Samples
-from detr_edge.calibration.quantize import FLAVOURS, QuantOptions, quantize
+from detr_edge.calibration.quantize import FLAVOURS, QuantOptions, collect_ranges, quantize
 from detr_edge.calibration.search import latency_ms, search
 from detr_edge.calibration.trt_cache import scales_from_ranges, version_tag, write_cache
 from detr_edge.runtime.backends import load_backend
@@ -52,10 +53,13 @@ def _calibrate(fp32, data, flavours, samples, every, options, val_data, auto, ma
     if auto and val_data is None:
         raise UserError("--auto needs --val-data (held-out images to measure the AP on)")
     stem = model.with_suffix("")  # model.onnx -> model; trt8.5.onnx -> trt8.5 (not trt8)
-    ranges, cache = Path(f"{stem}.calib.json"), Path(f"{stem}.calib.cache")
-    ranges.unlink(missing_ok=True)  # a fresh calibration each run: the ranges of these data
+    ranges = {flavour: ranges_file(stem, flavour, options) for flavour in FLAVOURS}
+    cache = Path(f"{stem}.calib.cache")
+    for path in set(ranges.values()):
+        path.unlink(missing_ok=True)  # a fresh calibration each run: the ranges of these data
     reader = Samples(data, fp32.spec, samples, every, batch=fp32.batch or 1)
-    report = {"model": str(model), "data": str(data), "method": options.method, "op_types": list(options.op_types),
+    report = {"model": str(model), "data": str(data), "method": {f: options.method_for(f) for f in flavours},
+              "op_types": list(options.op_types),
               "exclude": list(options.exclude), "files": {}, "ap": {}, "latency_ms": {"fp32": latency_ms(fp32)},
               "max_ap_drop": max_ap_drop}
     evaluate = None
@@ -69,30 +73,40 @@ def _calibrate(fp32, data, flavours, samples, every, options, val_data, auto, ma
         def evaluate(backend):
             return coco_ap(backend, images)
     outs = {flavour: Path(f"{stem}{FLAVOURS[flavour]}") for flavour in flavours}
-    quantize(model, outs[flavours[0]], flavours[0], options, ranges, reader)  # the one pass over the data
-    report["samples"] = reader.count
     for flavour, out in outs.items():
         if auto:
-            result = search(model, out, flavour, options, ranges, evaluate, report["ap"]["fp32"], max_ap_drop)
+            if not ranges[flavour].is_file():
+                collect_ranges(model, ranges[flavour], options.method_for(flavour), reader)
+            result = search(model, out, flavour, options, ranges[flavour], evaluate, report["ap"]["fp32"], max_ap_drop)
             report.setdefault("search", {})[flavour] = result
-        elif flavour != flavours[0]:
-            quantize(model, out, flavour, options, ranges)  # from the cached ranges
+        else:  # a pass over the data unless the other flavour's method made these ranges
+            quantize(model, out, flavour, options, ranges[flavour], reader)
         int8 = load(out)
         report["files"][flavour] = {"file": str(out), "MiB": round(out.stat().st_size / 2**20, 2),
                                     "excluded_nodes": int8.meta["export"]["int8"]["excluded_nodes"]}
         report["latency_ms"][f"int8 {flavour}"] = latency_ms(int8)
         if evaluate is not None:
             report["ap"][f"int8 {flavour}"] = evaluate(int8)
+    report["samples"] = reader.count
     report["files"]["fp32"] = {"file": str(model), "MiB": round(model.stat().st_size / 2**20, 2)}
     cache.unlink(missing_ok=True)  # never a cache of earlier ranges beside these files
     report["trt_cache"] = None
     if trt_version is not None:
-        write_cache(cache, scales_from_ranges(load_tensors_data(ranges).data), trt_version)
+        if not ranges["trt"].is_file():  # --flavour cpu with another method
+            collect_ranges(model, ranges["trt"], options.method_for("trt"), reader)
+        write_cache(cache, scales_from_ranges(load_tensors_data(ranges["trt"]).data), trt_version)
         report["trt_cache"] = {"file": str(cache), "trt_version": trt_version}
     write_json(Path(f"{stem}.int8.report.json"), report)
     with atomic_path(Path(f"{stem}.int8.report.md")) as tmp:
         tmp.write_text(markdown(report))
     return report
+
+
+def ranges_file(stem: Path, flavour: str, options: QuantOptions) -> Path:
+    """`model.calib.json`: the TensorRT flavour's ranges (the trtexec cache's scales), and the
+    CPU flavour's where both use one method; `model.calib-cpu.json` where they differ."""
+    same = options.method_for("cpu") == options.method_for("trt")
+    return Path(f"{stem}.calib.json" if flavour == "trt" or same else f"{stem}.calib-cpu.json")
 
 
 def misses(report: dict) -> list[str]:
@@ -104,7 +118,8 @@ def misses(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    rows = [f"INT8 calibration of `{report['model']}`: method {report['method']}, {report['samples']} samples "
+    methods = ", ".join(f"{method} ({flavour})" for flavour, method in report["method"].items())
+    rows = [f"INT8 calibration of `{report['model']}`: ranges {methods}, {report['samples']} samples "
             f"from `{report['data']}`, quantized op types {', '.join(report['op_types'])}.", "",
             "| file | size (MiB) | nodes kept float | AP | AP delta | latency (ms, this CPU) | speed-up |",
             "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -69,7 +69,9 @@ def _register(sub) -> None:
     p.add_argument("--data", required=True, help="calibration images: a folder, a COCO json, or a video file")
     p.add_argument("--samples", type=int, default=256, help="frames to calibrate on (default 256)")
     p.add_argument("--every", type=int, default=1, help="video: take every k-th frame (default 1)")
-    p.add_argument("--method", choices=["entropy", "percentile", "minmax"], default="entropy")
+    p.add_argument("--method", choices=["entropy", "percentile", "minmax"],
+                   help="calibration ranges of both flavours (default: entropy for trt, as TensorRT's "
+                        "EntropyCalibration2; minmax for cpu, as onnxruntime's quantize_static)")
     p.add_argument("--flavour", default="trt,cpu", help="comma list: trt (symmetric int8), cpu (uint8 activations)")
     p.add_argument("--exclude", help="node-name substrings kept float (default /bbox_embed/: the box head)")
     p.add_argument("--vnni", action="store_true", help="the CPU flavour runs only on CPUs with VNNI (AVX512-VNNI, "

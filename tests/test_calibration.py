@@ -86,12 +86,12 @@ def test_ranges_collected_batch_by_batch_equal_one_pass(work, tmp_path):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    from detr_edge.calibration.quantize import QuantOptions, collect_ranges
+    from detr_edge.calibration.quantize import collect_ranges
 
     def samples():
         return Samples(work / "data" / "train", SPEC, samples=5, progress=False)
 
-    collect_ranges(work / "m.onnx", tmp_path / "chunked.json", QuantOptions(method="minmax"), samples())
+    collect_ranges(work / "m.onnx", tmp_path / "chunked.json", "minmax", samples())
     quantize_static(str(work / "m.onnx"), str(tmp_path / "q.onnx"), Batches(list(samples().batches())),
                     quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
@@ -233,6 +233,33 @@ def test_cpu_flavour_products_cannot_saturate_avx2_int16_pairs(calibrated, tmp_p
     assert read_onnx_metadata(onnx.load(str(tmp_path / "m.int8-cpu.onnx")), "m")["export"]["int8"]["weight_bits"] == 8
 
 
+def test_each_flavour_takes_its_runtimes_default_ranges_and_one_method_shares_one_file(calibrated, tmp_path):
+    """By default TensorRT's EntropyCalibration2 for the TensorRT flavour (and its cache) and
+    onnxruntime's MinMax for the CPU one: two passes, two range files; --method: one of each."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    from detr_edge.calibration.quantize import collect_ranges
+
+    report = json.loads((calibrated / "m.int8.report.json").read_text())
+    assert report["method"] == {"trt": "entropy", "cpu": "minmax"}
+    for suffix, method in ((".int8.onnx", "entropy"), (".int8-cpu.onnx", "minmax")):
+        assert read_onnx_metadata(onnx.load(str(calibrated / f"m{suffix}")), "m")["export"]["int8"]["method"] == method
+    collect_ranges(calibrated / "m.onnx", tmp_path / "minmax.json", "minmax",
+                   Samples(calibrated / "data" / "train", SPEC, samples=8, progress=False))
+    minmax, cpu, trt = (load_tensors_data(path).data for path in (
+        tmp_path / "minmax.json", calibrated / "m.calib-cpu.json", calibrated / "m.calib.json"))
+    assert set(cpu) == set(minmax) == set(trt)
+    for name, value in minmax.items():
+        np.testing.assert_array_equal(cpu[name].range_value, value.range_value)
+    assert any(not np.array_equal(trt[k].range_value, cpu[k].range_value) for k in cpu)  # entropy clips
+    model = tmp_path / "m.onnx"
+    model.write_bytes((calibrated / "m.onnx").read_bytes())
+    assert main(["calibrate", str(model), "--data", str(calibrated / "data" / "train"), "--samples", "2",
+                 "--method", "entropy"]) == 0
+    assert (tmp_path / "m.calib.json").is_file() and not (tmp_path / "m.calib-cpu.json").exists()
+    assert json.loads((tmp_path / "m.int8.report.json").read_text())["method"] == {"trt": "entropy", "cpu": "entropy"}
+
+
 def test_a_file_that_misses_the_target_is_named_and_exits_1(calibrated, tmp_path):
     report = json.loads((calibrated / "m.int8.report.json").read_text())
     drops = {key: report["ap"]["fp32"] - ap for key, ap in report["ap"].items() if key != "fp32"}
@@ -255,7 +282,7 @@ def test_report_lists_each_file_with_its_size_exclusions_and_ap(calibrated):
     from detr_edge.runtime.coco import Images
 
     report = json.loads((calibrated / "m.int8.report.json").read_text())
-    assert report["samples"] == 8 and report["method"] == "entropy" and "own detections" in report["ap_reference"]
+    assert report["samples"] == 8 and "own detections" in report["ap_reference"]
     assert set(report["ap"]) == {"fp32", "int8 trt", "int8 cpu"} and report["ap"]["fp32"] == 100.0
     with load_backend(calibrated / "m.onnx") as fp32:
         images = pseudo_labelled(fp32, Images.load(calibrated / "data" / "val"))
@@ -323,7 +350,7 @@ def test_no_trt_cache_without_a_version(work, tmp_path, capsys):
                  "--flavour", "cpu"]) == 0
     assert not (tmp_path / "m.v8.5.calib.cache").exists()  # not a cache of other ranges beside the new files
     assert json.loads((tmp_path / "m.v8.5.int8.report.json").read_text())["trt_cache"] is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.v8.5.calib.json", "m.v8.5.int8-cpu.onnx", "m.v8.5.int8.report.json",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.v8.5.calib-cpu.json", "m.v8.5.int8-cpu.onnx", "m.v8.5.int8.report.json",
                                                           "m.v8.5.int8.report.md", "m.v8.5.onnx"]
     capsys.readouterr()
     assert main(["calibrate", str(model), "--data", str(work / "data" / "train"), "--trt-version", "8.5"]) == 2
