@@ -130,6 +130,15 @@ def collect_ranges(src, cache: Path, method: str, reader) -> None:
         save_tensors_data(ranges, tmp_cache)
 
 
+def ensure_ranges(src, cache, method: str, reader=None) -> None:
+    """The ranges at `cache`: computed from `reader` with `method` when absent, reused when
+    present (the other flavour's, where both use one method)."""
+    if not Path(cache).is_file():
+        if reader is None:
+            raise UserError(f"{cache}: no calibration ranges, and no data to compute them from")
+        collect_ranges(src, Path(cache), method, reader)
+
+
 class _Finite:
     """The calibrators' session, with +-inf read as 0: attention fills padded keys with -inf
     before its softmax, which no histogram or range can hold; the tensors the Q/DQ files
@@ -200,10 +209,7 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
 
     from detr_edge.runtime.metadata import read_onnx_metadata, write_onnx_metadata
 
-    if not Path(cache).is_file():
-        if reader is None:
-            raise UserError(f"{cache}: no calibration ranges, and no data to compute them from")
-        collect_ranges(src, Path(cache), options.method_for(flavour), reader)
+    ensure_ranges(src, cache, options.method_for(flavour), reader)
     graph = onnx.load(str(src))
     meta = read_onnx_metadata(graph, src)
     if meta.get("export", {}).get("precision", "fp32") != "fp32":

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from detr_edge.calibration.data import Samples
-from detr_edge.calibration.quantize import FLAVOURS, QuantOptions, collect_ranges, quantize
+from detr_edge.calibration.quantize import FLAVOURS, QuantOptions, ensure_ranges, quantize
 from detr_edge.calibration.search import latency_ms, search
 from detr_edge.calibration.trt_cache import scales_from_ranges, version_tag, write_cache
 from detr_edge.runtime.backends import load_backend
@@ -75,8 +75,7 @@ def _calibrate(fp32, data, flavours, samples, every, options, val_data, auto, ma
     outs = {flavour: Path(f"{stem}{FLAVOURS[flavour]}") for flavour in flavours}
     for flavour, out in outs.items():
         if auto:
-            if not ranges[flavour].is_file():
-                collect_ranges(model, ranges[flavour], options.method_for(flavour), reader)
+            ensure_ranges(model, ranges[flavour], options.method_for(flavour), reader)
             result = search(model, out, flavour, options, ranges[flavour], evaluate, report["ap"]["fp32"], max_ap_drop)
             report.setdefault("search", {})[flavour] = result
         else:  # a pass over the data unless the other flavour's method made these ranges
@@ -92,8 +91,7 @@ def _calibrate(fp32, data, flavours, samples, every, options, val_data, auto, ma
     cache.unlink(missing_ok=True)  # never a cache of earlier ranges beside these files
     report["trt_cache"] = None
     if trt_version is not None:
-        if not ranges["trt"].is_file():  # --flavour cpu with another method
-            collect_ranges(model, ranges["trt"], options.method_for("trt"), reader)
+        ensure_ranges(model, ranges["trt"], options.method_for("trt"), reader)  # --flavour cpu: maybe absent
         write_cache(cache, scales_from_ranges(load_tensors_data(ranges["trt"]).data), trt_version)
         report["trt_cache"] = {"file": str(cache), "trt_version": trt_version}
     write_json(Path(f"{stem}.int8.report.json"), report)
