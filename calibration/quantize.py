@@ -174,6 +174,24 @@ def _unshare_initializers(graph, float_nodes: set) -> None:
                 copy.name = node.input[i] = f"{name}/{node.name}"
 
 
+def feed_float_nodes_float(graph, float_nodes: set) -> None:
+    """Give float-kept nodes the float tensor, not the dequantized copy onnxruntime hands every
+    consumer of a tensor it quantizes for another one (the decoder layers' key and value
+    projections read the same memory: keeping the first layer's float still fed it INT8 values)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    producers = {out: node for node in graph.graph.node for out in node.output}
+    for node in graph.graph.node:
+        if node.name not in float_nodes:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producers.get(name)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    OnnxModel(graph).prune_graph()  # a pair that fed only float nodes
+
+
 def dedicate_qdq_pairs(graph) -> None:
     """One Q/DQ pair per consumer, as TensorRT's fusions take them: onnxruntime's
     DedicatedQDQPair splits a tensor's pair only among the nodes it quantizes, and hands
@@ -236,6 +254,7 @@ def quantize(src, dst, flavour: str, options: QuantOptions, cache, reader=None) 
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"{src}: quantization failed ({str(exc).splitlines()[0][:200]})") from None
         quantized = onnx.load(str(tmp))
+        feed_float_nodes_float(quantized, set(exclude))
         if trt:
             dedicate_qdq_pairs(quantized)
         meta["export"].update(precision="int8", int8={"flavour": flavour, "method": options.method_for(flavour),

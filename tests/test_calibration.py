@@ -210,6 +210,23 @@ def test_cpu_flavour_has_uint8_activations(calibrated):
     assert zero_types == {np.dtype(np.uint8)}
 
 
+def test_a_node_kept_float_reads_the_float_tensor_its_quantized_neighbours_share(calibrated, tmp_path):
+    """The decoder layers' key projections all read the encoder's memory (+ position): with
+    the first kept float and the others quantized, the first still reads the float memory."""
+    from detr_edge.calibration.quantize import QuantOptions, quantize
+    keys = [f"/model/transformer/decoder/layers.{i}/multihead_attn/MatMul_1" for i in range(2)]
+    for flavour, cache in (("trt", "m.calib.json"), ("cpu", "m.calib-cpu.json")):
+        out = tmp_path / f"m.{flavour}.onnx"
+        quantize(calibrated / "m.onnx", out, flavour, QuantOptions(exclude_nodes=keys[:1]), calibrated / cache)
+        graph = onnx.load(str(out))
+        producers = {o: n for n in graph.graph.node for o in n.output}
+        nodes = {n.name: n for n in graph.graph.node}
+        kept, quantized = (nodes[k].input[0] for k in keys)
+        assert producers[quantized].op_type == "DequantizeLinear"  # the shared memory is quantized
+        assert producers[kept].op_type != "DequantizeLinear" and producers[kept] is producers[
+            producers[producers[quantized].input[0]].input[0]]  # ... and the kept one reads what was quantized
+
+
 def _int8_weights(path) -> list[np.ndarray]:
     return [w for w in _initializers(onnx.load(str(path))).values() if w.dtype == np.int8 and w.ndim >= 2]
 
