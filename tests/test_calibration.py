@@ -30,7 +30,9 @@ SPEC = preprocess_spec((128, 128))
 def work(tmp_path_factory):
     """Synthetic shapes (train, val, video) and a small model exported at 128 x 128."""
     root = tmp_path_factory.mktemp("calib")
-    synthesize(root / "data", train=16, val=16, size=(128, 160), video_frames=12, seed=1)
+    # a random model's INT8 loses some of its own detections on these 16 val scenes in both
+    # flavours (so do seeds 2, 4 and 6 of 1-6); the tests below assert that it does
+    synthesize(root / "data", train=16, val=16, size=(128, 160), video_frames=12, seed=3)
     export_onnx(sharp_model(SMALL), checkpoint_config(SMALL, (128, 128), None), root / "m.onnx", ExportOptions())
     return root
 

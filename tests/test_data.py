@@ -138,6 +138,28 @@ def test_synth_cameras_come_in_the_shapes_of_real_cameras(tmp_path):
     assert main(["data", "synth", str(tmp_path / "x"), "--aspects", "16:9,0:1"]) == 2
 
 
+def test_synth_validation_scenes_and_videos_do_not_depend_on_the_training_split(tmp_path):
+    """More or denser training scenes (the demo's 8,000 of up to 10 shapes) leave the scenes
+    that runs are scored on as they were, so runs on either data are compared on the same images."""
+    from detr_edge.runtime.coco import CAMERA_ASPECTS
+    kw = dict(val=3, size=(64, 80), video_frames=4, seed=5, aspects=CAMERA_ASPECTS)
+    a = synthesize(tmp_path / "a", train=4, **kw)
+    b = synthesize(tmp_path / "b", train=9, train_objects=8, **kw)
+    c = synthesize(tmp_path / "c", train=9, **kw)
+    for split in ("val", "cameras"):
+        assert a[split].read_text() == b[split].read_text()
+        assert all((tmp_path / "a" / split / f.name).read_bytes() == f.read_bytes()
+                   for f in (tmp_path / "b" / split).iterdir())
+    for name in ("shapes", "shapes-16x9", "shapes-9x16"):
+        assert (tmp_path / f"a/{name}.gt.txt").read_text() == (tmp_path / f"b/{name}.gt.txt").read_text()
+        frames = [cv2.VideoCapture(str(tmp_path / f"{run}/{name}.mp4")).read()[1] for run in "ab"]
+        assert (frames[0] == frames[1]).all()
+    train = [json.loads(paths["train"].read_text())["images"] for paths in (a, b, c)]
+    assert train[2][:4] == train[0] and (tmp_path / "a/train/000003.jpg").read_bytes() == (
+        tmp_path / "c/train/000003.jpg").read_bytes()  # the first scenes of a longer split are the same
+    assert (tmp_path / "a/val/000000.jpg").read_bytes() != (tmp_path / "a/cameras/000000.jpg").read_bytes()
+
+
 def test_synth_training_scenes_may_be_denser_than_the_validation_ones(tmp_path, capsys):
     paths = synthesize(tmp_path, train=40, val=10, size=(64, 64), video_frames=0, seed=3, max_objects=1,
                        train_objects=6)

@@ -226,13 +226,18 @@ def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_fr
     `train_objects`: the training scenes' most objects, where denser than the others'
     (`max_objects`): more objects per image, more supervision per step."""
     out = Path(out)
-    rng = np.random.default_rng(seed)
-    paths = {"train": write_split(out, "train", train, size, rng, train_objects or max_objects, aspects),
-             "val": write_split(out, "val", val, size, rng, max_objects),
+    # one stream per part (NumPy's SeedSequence.spawn), so that each part's scenes depend on
+    # the seed alone: more training images or denser ones leave `val`, `cameras` and the videos as they were
+    train_rng, val_rng, video_rng, cameras_rng, *camera_video_rngs = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4 + len(CAMERA_VIDEOS)))
+    paths = {"train": write_split(out, "train", train, size, train_rng, train_objects or max_objects, aspects),
+             "val": write_split(out, "val", val, size, val_rng, max_objects),
              # the true tracks beside the video, for `--track` (tests/test_tracking.py)
-             "video": write_video(out / "shapes.mp4", video_frames, (240, 320), rng, tracks=out / "shapes.gt.txt")}
+             "video": write_video(out / "shapes.mp4", video_frames, (240, 320), video_rng,
+                                  tracks=out / "shapes.gt.txt")}
     if aspects:
-        paths["cameras"] = write_split(out, "cameras", val, size, rng, max_objects, aspects)
-        for name, shape in CAMERA_VIDEOS.items():
-            paths[name] = write_video(out / name, video_frames, shape, rng, tracks=out / name.replace(".mp4", ".gt.txt"))
+        paths["cameras"] = write_split(out, "cameras", val, size, cameras_rng, max_objects, aspects)
+        for (name, shape), rng in zip(CAMERA_VIDEOS.items(), camera_video_rngs):
+            paths[name] = write_video(out / name, video_frames, shape, rng,
+                                      tracks=out / name.replace(".mp4", ".gt.txt"))
     return paths
