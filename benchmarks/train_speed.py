@@ -18,15 +18,16 @@ Its model gets our model's weights (the state-dict keys are the same), so the tw
 losses on the first batch must agree; the script prints the difference. The official
 step is its main.py/engine.py recipe: AdamW with torch's defaults, clip_grad_norm_ 0.1.
 
-`--denoise N [N ...]` times instead the demo's recipe (detr_r18_tiny from scratch, 4
-classes, 4 query groups, the dense heads on the encoder and layer3, class weight 2; the
-weight average's update left out) with N denoising queries per image, side by side: what
-each costs per step.
+`--recipe OPTIONS [OPTIONS ...]` times instead the demo's recipe (detr_edge/demo.py's
+`detr-edge train` options: detr_r18_tiny from scratch, 4 classes; the weight average's
+update left out) with each string of options added to it (`""`: the recipe as it is),
+side by side: what each change costs per step.
 
     .venv/bin/python benchmarks/train_speed.py [--official ../detr] [--scratch] [--compile] [--steps 30] [--batch 16]
-    .venv/bin/python benchmarks/train_speed.py --denoise 0 100 200
+    .venv/bin/python benchmarks/train_speed.py --recipe "" "--denoise 0" "--backbone-head layer3"
 """
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -95,10 +96,10 @@ def training_step(forward, trainer, criterion, optimizer, clip_max_norm: float, 
     return step
 
 
-def demo_recipe(denoise: int):
+def demo_recipe(extra: str):
     """The demo's training step (detr_edge/demo.py's TRAIN, read through `detr-edge train`'s
-    parser) with `denoise` queries per image."""
-    opts = replace(train_options(build_parser().parse_args(["train", "--data", "", *TRAIN])), denoise=denoise)
+    parser, the later of two equal options winning) with the options in `extra` added."""
+    opts = train_options(build_parser().parse_args(["train", "--data", "", *TRAIN, *shlex.split(extra)]))
     torch.manual_seed(opts.seed)
     config, _ = preset(opts.preset)
     trainer = trainer_for(DETR(replace(config, num_classes=DEMO_CLASSES)).train(), opts)
@@ -165,8 +166,9 @@ def time_steps(runs: dict, args, images, mask, targets, kind: str) -> dict:
           f"torch {torch.__version__}, {args.steps} {'alternating ' if len(runs) > 1 else ''}steps:")
     median = {name: statistics.median(t) for name, t in times.items()}
     first = next(iter(median.values()))
+    width = max(11, *map(len, median))
     for name, value in median.items():
-        print(f"  {name:11s} median {value * 1000:6.0f} ms/step, {args.batch / value:5.1f} images/s "
+        print(f"  {name:{width}s} median {value * 1000:6.0f} ms/step, {args.batch / value:5.1f} images/s "
               f"(min {min(times[name]) * 1000:.0f}, max {max(times[name]) * 1000:.0f} ms), "
               f"{value / first:.2f}x the first's time")
     return median
@@ -182,12 +184,13 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scratch", action="store_true", help="trainable BatchNorm, all layers train")
     parser.add_argument("--compile", action="store_true", help="also time our step through torch.compile")
-    parser.add_argument("--denoise", type=int, nargs="+", help="time the demo's recipe with these denoising queries")
+    parser.add_argument("--recipe", nargs="+", metavar="OPTIONS",
+                        help="time the demo's recipe with each string of `detr-edge train` options added")
     args = parser.parse_args()
     if args.official and args.scratch:
         parser.error("--scratch has no official counterpart (its backbone always has frozen BatchNorm)")
-    if args.denoise and (args.official or args.scratch or args.compile):
-        parser.error("--denoise times the demo's recipe alone")
+    if args.recipe and (args.official or args.scratch or args.compile):
+        parser.error("--recipe times the demo's recipe alone")
     if args.official and not (args.official / "models" / "detr.py").is_file():
         parser.error(f"{args.official} is not a checkout of facebookresearch/detr (no models/detr.py)")
     torch.set_num_threads(args.threads)
@@ -197,8 +200,8 @@ def main():
     images = torch.randn(args.batch, 3, args.size, args.size)
     mask = torch.zeros(args.batch, args.size, args.size, dtype=torch.bool)
     targets = [{"labels": torch.randint(0, 3, (3,)), "boxes": torch.rand(3, 4) * 0.5 + 0.25} for _ in range(args.batch)]
-    if args.denoise:
-        return time_steps({f"denoise {n}": demo_recipe(n) for n in args.denoise}, args, images, mask,
+    if args.recipe:
+        return time_steps({extra or "the recipe": demo_recipe(extra) for extra in args.recipe}, args, images, mask,
                           [{"labels": torch.randint(0, DEMO_CLASSES, (k,)), "boxes": torch.rand(k, 4) * 0.4 + 0.3}
                            for k in [1, 2, 3] * (args.batch // 3) + [2] * (args.batch % 3)], "the demo's recipe")
     trainer, optimizer, step = ours(config)
