@@ -1,5 +1,6 @@
 """The training loop: it learns, it resumes after SIGKILL, and it runs under torchrun (gloo)."""
 import csv
+import logging
 import math
 import os
 import shutil
@@ -212,11 +213,28 @@ def test_dense_heads_train_beside_the_model_and_stay_out_of_its_weights(shapes, 
                                                      parts["encoder_head.class_embed.weight"])
 
 
-def test_time_drop_lowers_the_learning_rate_once_and_a_resume_keeps_it(shapes, tmp_path):
+def test_the_time_limits_end_and_the_slow_machine_hint_are_the_pace_carried_forward(tmp_path):
+    from detr_edge.demo import TARGET_STEPS, slow_machine_hint
+    from detr_edge.train.engine import time_limit_end
+    # 45 s of a 15-minute limit (5%) held 36 steps: 684 more in the other 855 s
+    assert time_limit_end(36, 36, 0.05) == 720
+    assert time_limit_end(1036, 36, 0.05) == 1720  # a resumed run counts on from its step
+    # the issue's 12.8 images/s machine: 719 steps in 15 minutes; the recipe took about 900
+    hint = slow_machine_hint(tmp_path / "train", 719, 15)
+    assert TARGET_STEPS == 900 and hint.endswith(
+        f"rm -r {tmp_path / 'train'}, then make demo DEMO_MINUTES=19 (python -m detr_edge.demo --minutes 19)")
+    assert slow_machine_hint(tmp_path / "train", 1283, 15) is None and slow_machine_hint(tmp_path, 900, 15) is None
+
+
+def test_time_drop_lowers_the_learning_rate_once_and_a_resume_keeps_it(shapes, tmp_path, caplog):
     out = tmp_path / "drop"
-    assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1000", "--eval-every", "0",
-                 "--lr", "1e-4", "--time-limit", "0.2", "--drop-at", "0.5"]) == 0
+    with caplog.at_level(logging.INFO, logger="detr_edge"):
+        assert main(["train", "--data", str(shapes), "--out", str(out), *TINY, "--epochs", "1000",
+                     "--eval-every", "0", "--lr", "1e-4", "--time-limit", "0.2", "--drop-at", "0.5"]) == 0
     lrs = [float(row["lr"]) for row in read_csv(out / "metrics.csv")]
+    # foretold once, at 5% of the limit: where the limit stops a run that 1000 epochs would not
+    foretold = [r.getMessage() for r in caplog.records if "-minute limit stops this run near step" in r.getMessage()]
+    assert len(foretold) == 1 and foretold[0].endswith(f"of {1000 * 6} (evaluations not counted)"), foretold
     dropped = lrs.index(1e-5)  # rows hold the rate each step trained with
     assert 0 < dropped < len(lrs) and set(lrs[:dropped]) == {1e-4} and set(lrs[dropped:]) == {1e-5}
     saved = torch.load(out / "last.pth", weights_only=True)

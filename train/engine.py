@@ -36,6 +36,7 @@ from .matcher import HungarianMatcher
 from .transformer import QueryBlocks
 
 log = logging.getLogger("detr_edge")
+PACE_SHARE = 0.05  # the share of --time-limit after which the run foretells where the limit stops it
 
 
 @dataclass
@@ -458,6 +459,7 @@ def train(opts: TrainOptions) -> dict:
                             options={k: v for k, v in asdict(opts).items() if v is not None}, metrics=metrics)
 
     out_of_budget = bool(opts.max_steps) and global_step >= opts.max_steps  # steps or time spent
+    steps_here, paced = 0, False  # this process's steps; whether the time limit's end was foretold
     while epoch < opts.epochs and not out_of_budget:
         sampler.epoch, sampler.start_batch = epoch, step_in_epoch
         progress = _progress(loader, main_process, epoch, opts.epochs)
@@ -482,6 +484,13 @@ def train(opts: TrainOptions) -> dict:
                          100 * opts.drop_at, global_step + 1)
             scheduler.step()
             seen += len(targets) * world
+            steps_here += 1
+            if opts.time_limit and not paced and spent >= PACE_SHARE:
+                paced, end = True, time_limit_end(global_step, steps_here, spent)
+                if end < run_steps:  # a slow machine: say so early, not at the end
+                    log.info("at %.1f images/s the %g-minute limit stops this run near step %d of %d "
+                             "(evaluations not counted)", steps_here * opts.batch_size * world
+                             / (spent * opts.time_limit * 60), opts.time_limit, end, run_steps)
             if main_process:
                 logged.write(csv_path, writer, progress)  # the previous step's, now on the host
                 logged.add({"step": global_step, "epoch": epoch, "lr": lr,
@@ -563,6 +572,12 @@ def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                 state[key] = torch.empty_like(param).copy_(value)
+
+
+def time_limit_end(step: int, steps_here: int, spent: float) -> int:
+    """The step at which --time-limit stops a run that is at `step`, having taken `spent`
+    of the limit for its `steps_here` steps in this process, if the pace holds."""
+    return step + round(steps_here * (1 - spent) / spent)
 
 
 def _rank_max(value: float, world: int, device) -> float:
