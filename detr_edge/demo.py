@@ -22,8 +22,8 @@ from .train.synth import CAMERA_VIDEOS
 # The demo recipe (docs/training.md has the measurements behind it).
 # A fast machine stops at --max-steps, a slow one at --time-limit; the rate decays to 0 over
 # the last 30% of whichever ends first (wsd).
-TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "6e-4",
-         "--lr-backbone", "6e-4", "--warmup", "50", "--groups", "4", "--denoise", "100", "--zoom", "0",
+TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "7e-4",
+         "--lr-backbone", "7e-4", "--warmup", "50", "--groups", "4", "--denoise", "100", "--zoom", "0",
          "--class-weight", "2", "--eos-coef", "0.3", "--encoder-head", "4", "--backbone-head", "layer3",
          "--max-steps", "2000", "--schedule", "wsd", "--drop-at", "0.7", "--ema", "0.95", "--epochs", "100",
          "--eval-every", "1", "--save-every", "500"]
