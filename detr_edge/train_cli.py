@@ -78,6 +78,10 @@ def register(sub) -> None:
                    help="the same head also on these backbone levels, comma-separated: layer2 (stride 8), "
                         "layer3 (stride 16) (Co-DETR's multi-scale auxiliary heads; needs --encoder-head, "
                         "whose W weights it)")
+    p.add_argument("--query-init", choices=["random", "anchors"],
+                   help="the queries' starting values: random (default, the official) or anchors: each at a "
+                        "random point, encoded as the memory's positions, with the cross-attention starting "
+                        "by comparing the two (from scratch only; the model stays plain DETR)")
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="evaluate, save and deploy an exponential moving average of the weights (ultralytics' "
                         "and RT-DETR's EMA), averaging over about 1/(1-DECAY) steps: 0.95 for the ~1,000-step "

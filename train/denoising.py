@@ -20,7 +20,6 @@ The module is dropped after training: checkpoints and exports are plain DETR.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +28,7 @@ from torchvision.ops import box_convert
 
 from .data import pad_targets
 from .detr import MLP
+from .position_encoding import sine_encoding
 
 
 @dataclass
@@ -44,14 +44,6 @@ class DenoisingQueries:
     groups: int
     pad: int
     indices: list
-
-
-def sine_encoding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """boxes [...,4] in [0,1] -> [..., 4*dim]: each coordinate as `dim` sines and cosines
-    of geometric frequencies, as DETR's position encoding encodes x and y."""
-    freqs = temperature ** (2 * (torch.arange(dim, device=boxes.device) // 2) / dim)
-    angles = boxes[..., None] * (2 * math.pi) / freqs
-    return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(-3)
 
 
 class Denoising(nn.Module):

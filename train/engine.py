@@ -33,6 +33,7 @@ from .denoising import Denoising
 from .detr import DETR, ExtraQueries
 from .evaluate import evaluate
 from .matcher import HungarianMatcher
+from .query_init import anchor_model, anchor_training_parts
 from .transformer import QueryBlocks
 
 log = logging.getLogger("detr_edge")
@@ -64,6 +65,7 @@ class TrainOptions:
     denoise: int = 0                 # contrastive denoising queries per image (DINO's 100; training only); 0 = none
     encoder_head: float = 0.0        # weight of the one-to-many dense heads' loss (training only); 0 = none
     backbone_head: tuple = ()        # backbone levels (layer2, layer3) that get a dense head too
+    query_init: str = "random"       # random: the official; anchors: train/query_init.py (from scratch only)
     contiguous: bool = False         # remap category ids to 0..C-1
     eval_every: int = 1              # epochs; 0 = only at the end
     save_every: int = 200            # steps between last.pth writes inside an epoch
@@ -84,7 +86,7 @@ class TrainOptions:
 # agree); where the data is, how long, how often to evaluate or save, on what device, may change
 RUN_DEFINING = ("preset", "weights", "imgsz", "recipe", "zoom", "batch_size", "lr", "lr_backbone", "weight_decay",
                 "clip_max_norm", "lr_drop", "warmup", "schedule", "eos_coef", "class_weight", "aux_loss", "groups",
-                "denoise", "encoder_head", "backbone_head", "contiguous", "ema", "seed")
+                "denoise", "encoder_head", "backbone_head", "query_init", "contiguous", "ema", "seed")
 # the run's bounds, counted over the whole run: `--resume` keeps them unless given again
 # (--time-limit is not among them: it counts the minutes of the process it is given to)
 RUN_BOUNDS = ("epochs", "max_steps", "drop_at")
@@ -231,7 +233,10 @@ def _param_groups(trainer: TrainingModel, opts: TrainOptions):
 
 def trainer_for(model: DETR, opts: TrainOptions) -> TrainingModel:
     """The model with the options' training-only parts (groups, dense heads, denoising)."""
-    return TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head, opts.denoise)
+    trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head, opts.denoise)
+    if opts.query_init == "anchors":  # a resumed run's saved parts replace these starting values
+        anchor_training_parts(trainer.group_queries, trainer.denoising.box_embed if trainer.denoising else None)
+    return trainer
 
 
 def criterion_for(opts: TrainOptions, num_classes: int) -> SetCriterion:
@@ -356,6 +361,10 @@ def build(opts: TrainOptions):
         raise UserError(f"--backbone-head {','.join(sorted(unknown))}: choose from {', '.join(BACKBONE_HEAD_LEVELS)}")
     if opts.backbone_head and not opts.encoder_head:
         raise UserError("--backbone-head needs --encoder-head (whose W weights every dense head)")
+    if opts.query_init not in ("random", "anchors"):
+        raise UserError(f"--query-init {opts.query_init}: choose random or anchors")
+    if opts.query_init == "anchors" and opts.weights:
+        raise UserError("--query-init anchors starts a model from scratch; --weights brings trained queries")
     train_images, train_ann = find_split(opts.data, "train")
     val_images, val_ann = find_split(opts.data, "val")
     resumed = read_checkpoint(opts.resume)[2] if opts.resume else None
@@ -375,6 +384,8 @@ def build(opts: TrainOptions):
         model_config, imgsz = preset(opts.preset)
         model_config = DETRConfig.from_dict({**model_config.to_dict(), "num_classes": probe.num_classes})
         model = DETR(model_config)
+        if opts.query_init == "anchors":
+            anchor_model(model)
         config = checkpoint_config(model_config, opts.imgsz or imgsz, probe.classes)
     if config["model"]["num_classes"] != probe.num_classes:
         raise UserError(f"{opts.resume}: the model has {config['model']['num_classes']} classes, "

@@ -35,3 +35,13 @@ class PositionEmbeddingSine(nn.Module):
         pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
         pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+def sine_encoding(boxes: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """boxes [...,C] in [0,1] (C coordinates, e.g. cx, cy, w, h) -> [..., C*dim]: each
+    coordinate as `dim` sines and cosines of geometric frequencies, one coordinate after
+    the other, as PositionEmbeddingSine encodes y and x (with num_pos_feats = dim, a
+    coordinate v there is the unpadded extent's share (row + 1) / h, here v itself)."""
+    freqs = temperature ** (2 * (torch.arange(dim, device=boxes.device) // 2) / dim)
+    angles = boxes[..., None] * (2 * math.pi) / freqs
+    return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(-3)
