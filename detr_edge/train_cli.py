@@ -138,6 +138,9 @@ def register(sub) -> None:
                    help="frame shapes of the training images and of the 'cameras' split, in turn "
                         "(default 1:1,4:3,16:9,3:4,9:16: real cameras' shapes, the long side --imgsz's); "
                         "none: every image at --imgsz, no 'cameras' split")
+    p.add_argument("--train-aspects", metavar="W:H,...",
+                   help="frame shapes of the training images alone, in turn (default --aspects'), e.g. "
+                        "1:1,4:3,1:1,16:9,1:1,3:4,1:1,9:16: half of them square, as the demo's")
     p.add_argument("--video-frames", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
@@ -244,6 +247,22 @@ def _queries(args) -> None:
              stats["images"], stats["predictions"], args.conf, firing, len(stats["slots"]), args.out)
 
 
+def _aspects(flag: str, text: str | None) -> tuple | None:
+    """"16:9,3:4" -> ((16, 9), (3, 4)); None or "" -> None."""
+    from detr_edge.runtime.errors import UserError
+
+    if not text:
+        return None
+    try:
+        aspects = tuple(tuple(int(v) for v in a.split(":")) for a in text.split(","))
+    except ValueError:
+        aspects = ()
+    if not aspects or any(len(a) != 2 or min(a) < 1 for a in aspects):
+        raise UserError(f"{flag} {text}: expected W:H pairs such as 16:9,3:4"
+                        + (", or none" if flag == "--aspects" else ""))
+    return aspects
+
+
 def _synth(args) -> None:
     from detr_edge.runtime.metadata import parse_imgsz
 
@@ -251,19 +270,13 @@ def _synth(args) -> None:
     from detr_edge.runtime.coco import CAMERA_ASPECTS
     from detr_edge.train.synth import synthesize
 
-    aspects = CAMERA_ASPECTS
-    if args.aspects == "none":
-        aspects = None
-    elif args.aspects:
-        try:
-            aspects = tuple(tuple(int(v) for v in a.split(":")) for a in args.aspects.split(","))
-        except ValueError:
-            aspects = ()
-        if not aspects or any(len(a) != 2 or min(a) < 1 for a in aspects):
-            raise UserError(f"--aspects {args.aspects}: expected W:H pairs such as 16:9,3:4, or none")
+    aspects = None if args.aspects == "none" else _aspects("--aspects", args.aspects) or CAMERA_ASPECTS
+    train_aspects = _aspects("--train-aspects", args.train_aspects)
+    if train_aspects and not aspects:
+        raise UserError("--train-aspects needs the cameras' shapes (--aspects), not none")
     for flag, value in (("--max-objects", args.max_objects), ("--train-objects", args.train_objects)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
     paths = synthesize(args.out, args.train, args.val, parse_imgsz(args.imgsz), args.video_frames, args.seed,
-                       args.max_objects, aspects, args.train_objects)
+                       args.max_objects, aspects, args.train_objects, train_aspects)
     log.info("wrote %s", ", ".join(map(str, paths.values())))

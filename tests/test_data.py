@@ -160,6 +160,21 @@ def test_synth_validation_scenes_and_videos_do_not_depend_on_the_training_split(
     assert (tmp_path / "a/val/000000.jpg").read_bytes() != (tmp_path / "a/cameras/000000.jpg").read_bytes()
 
 
+def test_synth_training_frames_may_take_other_shapes_than_the_cameras(tmp_path, capsys):
+    """`--train-aspects` (the demo's: half the training frames square) changes the training
+    frames' shapes alone: `val` and `cameras` stay the images runs are scored on."""
+    from detr_edge.runtime.coco import CAMERA_ASPECTS
+    kw = dict(train=4, val=3, size=(128, 128), video_frames=0, seed=5, aspects=CAMERA_ASPECTS)
+    a = synthesize(tmp_path / "a", **kw)
+    b = synthesize(tmp_path / "b", train_aspects=((1, 1), (16, 9)), **kw)
+    assert [(im["height"], im["width"]) for im in json.loads(b["train"].read_text())["images"]] == [
+        (128, 128), (72, 128)] * 2
+    assert all(a[split].read_text() == b[split].read_text() for split in ("val", "cameras"))
+    assert main(["data", "synth", str(tmp_path / "x"), "--train-aspects", "1:1,4"]) == 2
+    assert capsys.readouterr().err.strip() == "detr-edge: error: --train-aspects 1:1,4: expected W:H pairs such as 16:9,3:4"
+    assert main(["data", "synth", str(tmp_path / "x"), "--aspects", "none", "--train-aspects", "1:1"]) == 2
+
+
 def test_synth_training_scenes_may_be_denser_than_the_validation_ones(tmp_path, capsys):
     paths = synthesize(tmp_path, train=40, val=10, size=(64, 64), video_frames=0, seed=3, max_objects=1,
                        train_objects=6)

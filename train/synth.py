@@ -218,19 +218,22 @@ CAMERA_VIDEOS = {"shapes-16x9.mp4": (180, 320), "shapes-9x16.mp4": (320, 180)}
 
 
 def synthesize(out, train: int = 2000, val: int = 200, size=(192, 192), video_frames: int = 150,
-               seed: int = 0, max_objects: int = 5, aspects=None, train_objects: int | None = None) -> dict:
+               seed: int = 0, max_objects: int = 5, aspects=None, train_objects: int | None = None,
+               train_aspects=None) -> dict:
     """The shapes dataset: `train` and `val` (square, or `size`) splits and the video
     shapes.mp4 (4:3). With `aspects` (e.g. CAMERA_ASPECTS), the training images take those
     frame shapes in turn, a `cameras` split of `val` images does too (the deployment
     geometry, to validate on), and a video per other camera shape follows (16:9, 9:16).
     `train_objects`: the training scenes' most objects, where denser than the others'
-    (`max_objects`): more objects per image, more supervision per step."""
+    (`max_objects`): more objects per image, more supervision per step. `train_aspects`:
+    the training images' shapes where other than the cameras' (`aspects`)."""
     out = Path(out)
     # one stream per part (NumPy's SeedSequence.spawn), so that each part's scenes depend on
     # the seed alone: more training images or denser ones leave `val`, `cameras` and the videos as they were
     train_rng, val_rng, video_rng, cameras_rng, *camera_video_rngs = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4 + len(CAMERA_VIDEOS)))
-    paths = {"train": write_split(out, "train", train, size, train_rng, train_objects or max_objects, aspects),
+    paths = {"train": write_split(out, "train", train, size, train_rng, train_objects or max_objects,
+                                  train_aspects or aspects),
              "val": write_split(out, "val", val, size, val_rng, max_objects),
              # the true tracks beside the video, for `--track` (tests/test_tracking.py)
              "video": write_video(out / "shapes.mp4", video_frames, (240, 320), video_rng,
