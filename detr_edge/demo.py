@@ -25,8 +25,8 @@ from .train.synth import CAMERA_VIDEOS
 TRAIN = ["--preset", "detr_r18_tiny", "--imgsz", "128", "--batch-size", "16", "--lr", "7e-4",
          "--lr-backbone", "7e-4", "--warmup", "50", "--groups", "4", "--denoise", "100", "--zoom", "0",
          "--class-weight", "2", "--eos-coef", "0.3", "--encoder-head", "4", "--backbone-head", "layer3",
-         "--max-steps", "2000", "--schedule", "wsd", "--drop-at", "0.7", "--ema", "0.95", "--epochs", "100",
-         "--eval-every", "1", "--save-every", "500"]
+         "--query-init", "anchors", "--max-steps", "2000", "--schedule", "wsd", "--drop-at", "0.7",
+         "--ema", "0.95", "--epochs", "100", "--eval-every", "1", "--save-every", "500"]
 
 # the steps that give the recipe its target, AP50 0.90 / AP 0.60 on `val`, with a margin: it met it
 # bounded at 800 (docs/training.md, L114, L115), and at 900 with the peak rate 6e-4 before (L99, L100)
@@ -53,11 +53,12 @@ def run(out: Path, minutes: float) -> int:
     onnx = deployed / "model.onnx"
     steps = []
     if not (data / "annotations" / "instances_cameras.json").exists():
-        # in cameras' shapes; training scenes denser than the validation ones (more matches a
-        # step), 8,000 of them (a 15-minute run repeats each one to three times: better boxes
-        # than 2,000 repeated five to ten times, docs/training.md)
+        # in cameras' shapes, half the training frames square (the others 4:3, 16:9, 3:4, 9:16);
+        # training scenes denser than the validation ones (more matches a step), 8,000 of them
+        # (a 15-minute run repeats each one to three times: better boxes than 2,000 repeated
+        # five to ten times); docs/training.md measures each choice
         steps.append(["data", "synth", str(data), "--imgsz", "128", "--train", "8000", "--max-objects", "3",
-                      "--train-objects", "10"])
+                      "--train-objects", "10", "--train-aspects", "1:1,4:3,1:1,16:9,1:1,3:4,1:1,9:16"])
     trains = not checkpoint.exists()
     if not trains:
         print(f"reusing the finished demo checkpoint {checkpoint} (delete {run_dir} to train again)")
