@@ -235,7 +235,8 @@ def trainer_for(model: DETR, opts: TrainOptions) -> TrainingModel:
     """The model with the options' training-only parts (groups, dense heads, denoising)."""
     trainer = TrainingModel(model, opts.groups, opts.encoder_head > 0, opts.backbone_head, opts.denoise)
     if opts.query_init == "anchors":  # a resumed run's saved parts replace these starting values
-        anchor_training_parts(trainer.group_queries, trainer.denoising.box_embed if trainer.denoising else None)
+        anchor_training_parts(trainer.group_queries, trainer.denoising.box_embed if trainer.denoising else None,
+                              model.config.nheads)
     return trainer
 
 

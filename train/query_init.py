@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from detr_edge.runtime.errors import UserError
+
 from .detr import DETR, MLP
 from .position_encoding import sine_encoding
 
 SCALE = 2.0   # the anchored embeddings' amplitude (a sine encoding's channels are in [-1, 1])
 GAIN = 2.0    # the query projection's gain on the selected channels: how sharply a query attends
 KEEP = 0.5    # the share of the random (xavier) projections kept beside the selection
-PAIRS = 4     # sine/cosine pairs per coordinate that a head compares (half the heads the highest
-              # frequencies, half the next ones: a sharp and a broader look around the anchor)
 
 
 def anchored(points: torch.Tensor, d: int) -> torch.Tensor:
@@ -36,11 +36,13 @@ def anchored(points: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def selection(d: int, heads: int) -> torch.Tensor:
-    """[d,d]: each head's rows pick 2*PAIRS channels of y and as many of x (the highest
-    frequencies in the first half of the heads, the next ones in the second)."""
-    per_head, half, width = d // heads, d // 2, 2 * PAIRS
-    if per_head != 2 * width or heads % 2:
-        raise ValueError(f"anchored queries need {4 * PAIRS} channels per head and an even number of heads")
+    """[d,d]: each head's rows pick d/heads/2 channels of y and as many of x, the highest
+    frequencies in the first half of the heads, the next ones in the second (a sharp and
+    a broader look around the anchor); so d/heads channels of each coordinate are compared."""
+    per_head, half = d // heads, d // 2
+    width = per_head // 2
+    if heads < 2 or per_head % 2:
+        raise UserError(f"--query-init anchors needs at least 2 heads of an even width, not {heads} of {per_head}")
     picked = torch.zeros(d, d)
     for head in range(heads):
         first = 0 if head < heads // 2 else width
@@ -62,21 +64,22 @@ def anchor_model(model: DETR) -> None:
 
 
 @torch.no_grad()
-def anchor_training_parts(group_queries: nn.Parameter | None, box_embed: MLP | None) -> None:
+def anchor_training_parts(group_queries: nn.Parameter | None, box_embed: MLP | None, heads: int) -> None:
     """The extra groups' queries at random anchors; the denoising position MLP (box sine
     encoding [cx, cy, w, h] -> d) starting as `anchored` of the box's centre on the
-    channels the cross-attention compares, each through a ReLU pair (v = relu(v) - relu(-v))."""
+    channels the cross-attention compares (`selection`), each through a ReLU pair
+    (v = relu(v) - relu(-v))."""
     if group_queries is not None:
         group_queries.copy_(anchored(torch.rand(group_queries.shape[0], 2), group_queries.shape[1]))
     if box_embed is None:
         return
     first, second = box_embed.layers
     d = second.out_features
-    half, compared = d // 2, 4 * PAIRS  # the channels per coordinate that some head compares
+    half, compared = d // 2, d // heads  # the channels per coordinate that some head compares
     # (input channel of the box encoding, output channel): cy -> y channels, cx -> x channels
     routes = [(half + i, i) for i in range(compared)] + [(i, half + i) for i in range(compared)]
     if 2 * len(routes) > first.out_features:
-        raise ValueError("the denoising position MLP is too narrow for anchored queries")
+        raise UserError("--query-init anchors: the denoising position MLP is too narrow for the heads' channels")
     for k, (source, target) in enumerate(routes):
         for unit, sign in ((2 * k, 1.0), (2 * k + 1, -1.0)):
             first.weight[unit].zero_()
